@@ -1,0 +1,293 @@
+"""params.yaml -> typed, validated settings.
+
+Every section is a dataclass; unknown keys, wrong types and out-of-range values raise one
+`ConfigError` that names the key path (e.g. `train.lr`) and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dexml.errors import ConfigError
+
+
+@dataclass
+class SyntheticParams:
+    num_labels: int = 120
+    num_train: int = 1500
+    num_test: int = 400
+    words_per_label: int = 6
+    labels_per_point: float = 2.5  # mean; drawn from a shifted Poisson, at least 1
+    zipf_exponent: float = 1.1  # label popularity ~ rank^-exponent (head and long tail)
+    query_words: int = 10
+    noise_fraction: float = 0.3  # share of query words drawn from the shared noise vocabulary
+    seed: int = 0
+
+
+@dataclass
+class DatasetParams:
+    # `synthetic`, a registered name (EURLex-4K, LF-AmazonTitles-131K, LF-AmazonTitles-1.3M,
+    # LF-Wikipedia-500K), `local` (a directory or archive at `path`) or `url` (an archive).
+    source: str = "synthetic"
+    path: Optional[str] = None
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    # Propensity constants for PSP metrics; null = the registered dataset's (or 0.55 / 1.5).
+    propensity_a: Optional[float] = None
+    propensity_b: Optional[float] = None
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass
+class DataParams:
+    dir: str = "data/dataset"  # where `download` writes the canonical LF layout
+    # Text fed to the encoder: the title alone, or title + ". " + content.
+    query_text: Literal["title", "title+content"] = "title"
+    label_text: Literal["title", "title+content"] = "title"
+
+
+@dataclass
+class ModelParams:
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub name or local path
+    shared: bool = True  # one encoder for queries and labels; False = two towers
+    pooling: Literal["mean", "cls"] = "mean"
+    projection: Optional[int] = None  # output size of an optional linear projection
+    normalize: bool = True
+    tau: float = 0.05
+    query_max_len: int = 32
+    label_max_len: int = 32
+
+
+@dataclass
+class LossParams:
+    name: Literal["softmax", "decoupled_softmax", "soft_topk", "bce"] = "decoupled_softmax"
+    k: int = 5  # soft_topk only
+    alpha: float = 2.0  # soft_topk only
+
+
+@dataclass
+class NegativesParams:
+    mode: Literal["all", "in-batch", "hard"] = "all"
+    label_chunk: int = 256  # labels encoded per chunk in `all` mode (gradient caching)
+    num_hard: int = 8
+    shortlist: int = 50
+    refresh_every: int = 1  # epochs
+
+
+@dataclass
+class TrainParams:
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of steps
+    grad_clip: Optional[float] = 1.0
+    sample_positives: Literal[0, 1] = 1
+    val_fraction: float = 0.1
+    val_max_points: int = 2000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA only
+    seed: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_steps: Optional[int] = None  # stop early (smoke runs)
+    nproc: int = 1  # processes per node; > 1 launches torchrun
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class ExportParams:
+    opset: int = 17
+    parity_tol: float = 1e-4
+    quantize_int8: bool = False
+
+
+@dataclass
+class IndexParams:
+    type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    auto_flat_max: int = 200_000  # auto: exact search up to this many labels, HNSW beyond
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 256
+    ivf_nlist: int = 0  # 0 = about 4 * sqrt(num_labels)
+    ivf_nprobe: int = 32
+    pq_m: int = 0  # 0 = d / 4 sub-quantizers (d must divide)
+    use_gpu: Literal["auto", "off"] = "auto"
+
+
+@dataclass
+class EvaluateParams:
+    k: int = 100
+    batch_size: int = 256
+
+
+@dataclass
+class FlowParams:
+    gate_metric: str = "P@5"
+    min_delta: float = 0.0
+    guarded: dict = field(default_factory=lambda: {"P@1": 1.0, "PSP@5": 1.0})
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
+@dataclass
+class Params:
+    dataset: DatasetParams = field(default_factory=DatasetParams)
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: LossParams = field(default_factory=LossParams)
+    negatives: NegativesParams = field(default_factory=NegativesParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    index: IndexParams = field(default_factory=IndexParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    flow: FlowParams = field(default_factory=FlowParams)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one value against a type annotation, naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"params key `{key}`: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"params key `{key}`: expected one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params key `{key}`: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params key `{key}`: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"params key `{key}`: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"params key `{key}`: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"params key `{key}`: expected a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown params key(s) {', '.join(f'`{_join(prefix, u)}`' for u in unknown)} "
+            f"in {where}; expected some of: {', '.join(sorted(names))}"
+        )
+    kwargs = {n: _convert(v, hints[n], _join(prefix, n)) for n, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check(p: Params) -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"params key `{key}`: expected {expected}, got {value!r}")
+
+    s = p.dataset.synthetic
+    for name in ("num_labels", "num_train", "num_test", "words_per_label", "query_words"):
+        need(getattr(s, name) > 0, f"dataset.synthetic.{name}", "a positive integer", getattr(s, name))
+    need(s.labels_per_point >= 1, "dataset.synthetic.labels_per_point", ">= 1", s.labels_per_point)
+    need(0 <= s.noise_fraction < 1, "dataset.synthetic.noise_fraction", "in [0, 1)", s.noise_fraction)
+    if p.dataset.source == "local":
+        need(bool(p.dataset.path), "dataset.path", "a directory or archive path when source is local", p.dataset.path)
+    if p.dataset.source == "url":
+        need(bool(p.dataset.url) and p.dataset.url.startswith(("http://", "https://")),
+             "dataset.url", "an http(s) URL when source is url", p.dataset.url)
+    m = p.model
+    need(m.tau > 0, "model.tau", "a positive number", m.tau)
+    need(m.query_max_len > 1, "model.query_max_len", "an integer > 1", m.query_max_len)
+    need(m.label_max_len > 1, "model.label_max_len", "an integer > 1", m.label_max_len)
+    need(m.projection is None or m.projection > 0, "model.projection", "null or a positive integer", m.projection)
+    need(p.loss.k > 0, "loss.k", "a positive integer", p.loss.k)
+    need(p.loss.alpha > 0, "loss.alpha", "a positive number", p.loss.alpha)
+    n = p.negatives
+    need(n.label_chunk > 0, "negatives.label_chunk", "a positive integer", n.label_chunk)
+    need(n.num_hard > 0, "negatives.num_hard", "a positive integer", n.num_hard)
+    need(n.shortlist >= n.num_hard, "negatives.shortlist", f">= negatives.num_hard ({n.num_hard})", n.shortlist)
+    need(n.refresh_every > 0, "negatives.refresh_every", "a positive integer", n.refresh_every)
+    t = p.train
+    need(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
+    need(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
+    need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(0 <= t.warmup < 1, "train.warmup", "a fraction in [0, 1)", t.warmup)
+    need(0 < t.val_fraction < 1, "train.val_fraction", "a fraction in (0, 1)", t.val_fraction)
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc", "a positive integer", t.nproc)
+    need(p.export.parity_tol > 0, "export.parity_tol", "a positive number", p.export.parity_tol)
+    need(p.evaluate.k >= 5, "evaluate.k", "an integer >= 5", p.evaluate.k)
+
+
+def parse_params(raw: dict | None) -> Params:
+    p = _build(Params, raw or {}, "")
+    _check(p)
+    return p
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml, apply dotted-key `overrides` ({"train.lr": 1e-4}), validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params file {path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    try:
+        return parse_params(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override `{dotted}`: `{part}` is not a mapping")
+    node[last] = value
