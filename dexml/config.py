@@ -35,7 +35,7 @@ class DatasetParams:
     # `synthetic`, a registered name (EURLex-4K, LF-AmazonTitles-131K, LF-AmazonTitles-1.3M,
     # LF-Wikipedia-500K), `local` (a directory or archive at `path`) or `url` (an archive).
     source: str = "synthetic"
-    path: Optional[str] = None
+    path: Optional[str] = None  # also: a registered dataset's already-downloaded file(s)
     url: Optional[str] = None
     sha256: Optional[str] = None
     # Propensity constants for PSP metrics; null = the registered dataset's (or 0.55 / 1.5).
@@ -107,7 +107,8 @@ class TrainParams:
 class ExportParams:
     opset: int = 17
     parity_tol: float = 1e-4
-    quantize_int8: bool = False
+    quantize_int8: bool = False  # also write an int8 (dynamic, per-channel) query encoder
+    parity_texts: int = 64  # held-out test queries and labels compared with PyTorch (+ edge cases)
 
 
 @dataclass
@@ -121,6 +122,7 @@ class IndexParams:
     ivf_nprobe: int = 32
     pq_m: int = 0  # 0 = d / 4 sub-quantizers (d must divide)
     use_gpu: Literal["auto", "off"] = "auto"
+    batch_size: int = 256  # labels per ONNX encoder call
 
 
 @dataclass
@@ -230,6 +232,9 @@ def _check(p: Params) -> None:
     need(0 <= s.noise_fraction < 1, "dataset.synthetic.noise_fraction", "in [0, 1)", s.noise_fraction)
     if p.dataset.source == "local":
         need(bool(p.dataset.path), "dataset.path", "a directory or archive path when source is local", p.dataset.path)
+    if p.dataset.sha256 is not None:
+        need(len(p.dataset.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in p.dataset.sha256),
+             "dataset.sha256", "64 hexadecimal digits (or null)", p.dataset.sha256)
     if p.dataset.source == "url":
         need(bool(p.dataset.url) and p.dataset.url.startswith(("http://", "https://")),
              "dataset.url", "an http(s) URL when source is url", p.dataset.url)
@@ -255,7 +260,14 @@ def _check(p: Params) -> None:
          "train.device", "auto, cpu, cuda or cuda:N", t.device)
     need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc", "a positive integer", t.nproc)
     need(p.export.parity_tol > 0, "export.parity_tol", "a positive number", p.export.parity_tol)
+    need(p.export.parity_texts > 0, "export.parity_texts", "a positive integer", p.export.parity_texts)
     need(p.evaluate.k >= 5, "evaluate.k", "an integer >= 5", p.evaluate.k)
+    need(p.index.batch_size > 0, "index.batch_size", "a positive integer", p.index.batch_size)
+    need(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer", p.evaluate.batch_size)
+    for key in ("auto_flat_max", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
+        need(getattr(p.index, key) > 0, f"index.{key}", "a positive integer", getattr(p.index, key))
+    for key in ("ivf_nlist", "pq_m"):
+        need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))
 
 
 def parse_params(raw: dict | None) -> Params:

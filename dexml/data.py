@@ -117,6 +117,8 @@ def _read_split(path: Path, num_labels: int) -> Split:
     for lineno, obj in iter_jsonl(path):
         try:
             inds = obj["target_ind"]
+            if not isinstance(inds, list):
+                raise DataError(f"{path}, line {lineno}: `target_ind` must be a list of label ids, got {inds!r}")
             rels = obj.get("target_rel") or [1.0] * len(inds)
             uids.append(str(obj["uid"]))
             titles.append(str(obj["title"]))
@@ -165,7 +167,10 @@ def read_meta(root: str | Path) -> dict:
     path = Path(root) / META_FILE
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_dataset(root: str | Path) -> XMCDataset:

@@ -1,0 +1,124 @@
+"""The shipped text encoder, torch-free: ONNX graph(s) run by onnxruntime + a `tokenizers` tokenizer.
+
+The `export` stage writes an encoder directory; this module is the only reader of it:
+    encoder.json     pooling, normalize, dim, tau, max lengths, pad token, which file per side
+    tokenizer.json   the Hugging Face fast tokenizer (its saved padding/truncation are ignored)
+    model.onnx | query.onnx + label.onnx, optional *_int8.onnx
+Each graph takes int64 `input_ids` and `attention_mask` (batch, seq) and returns
+`sentence_embedding` (batch, dim), pooling and L2 normalisation included.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dexml.errors import BundleError
+
+ENCODER_META = "encoder.json"
+TOKENIZER_FILE = "tokenizer.json"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "sentence_embedding"
+SIDES = ("query", "label")
+_META_KEYS = ("pooling", "normalize", "dim", "tau", "query_max_len", "label_max_len", "pad_token",
+              "pad_id", "padding_side", "truncation_side", "files", "int8_files")
+
+
+def ort_providers(allow_gpu: bool = True) -> list[str]:
+    """CUDA when onnxruntime-gpu is installed (it falls back to CPU without a usable GPU), else CPU."""
+    import onnxruntime as ort
+
+    if allow_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def read_encoder_meta(encoder_dir: str | Path) -> dict:
+    path = Path(encoder_dir) / ENCODER_META
+    if not path.exists():
+        raise BundleError(f"{path}: file not found (run the export stage)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing or not all(s in meta["files"] for s in SIDES):
+        raise BundleError(f"{path}: expected keys {', '.join(_META_KEYS)} with files for "
+                          f"{' and '.join(SIDES)}; missing {', '.join(missing) or 'a side in `files`'}")
+    return meta
+
+
+class OnnxEncoder:
+    """Embeds texts for one side ("query" or "label") exactly as the exported PyTorch towers do.
+
+    int8=True uses the int8 graph for the sides that have one (the export quantizes the query
+    side only: labels are embedded offline, so only query latency matters at serving time).
+    """
+
+    def __init__(self, encoder_dir: str | Path, int8: bool = False, allow_gpu: bool = True):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.dir = Path(encoder_dir)
+        self.meta = read_encoder_meta(self.dir)
+        files = dict(self.meta["files"])
+        if int8:
+            if not self.meta["int8_files"]:
+                raise BundleError(f"{self.dir / ENCODER_META}: no int8 encoder in this bundle "
+                                  "(export with export.quantize_int8=true)")
+            files.update(self.meta["int8_files"])
+        self.files = files
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about CPU fallback nodes are noise here
+        providers = ort_providers(allow_gpu)
+        sessions: dict[str, ort.InferenceSession] = {}
+        for name in sorted(set(files.values())):
+            path = self.dir / name
+            if not path.exists():
+                raise BundleError(f"{path}: file not found (named in {ENCODER_META}; run the export stage)")
+            try:
+                sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+                raise BundleError(f"{path}: onnxruntime cannot load it ({e})") from None
+        self._sessions = {side: sessions[files[side]] for side in SIDES}
+        self.providers = self._sessions["query"].get_providers()
+        tok_path = self.dir / TOKENIZER_FILE
+        if not tok_path.exists():
+            raise BundleError(f"{tok_path}: file not found (run the export stage)")
+        self._tokenizers = {}
+        for side in SIDES:
+            try:
+                tok = Tokenizer.from_file(str(tok_path))
+            except Exception as e:
+                raise BundleError(f"{tok_path}: cannot load the tokenizer ({e})") from None
+            # Same as the training tokenizer call: pad to the longest text in the batch,
+            # truncate (special tokens included) to the side's max length.
+            tok.no_padding()
+            tok.enable_truncation(max_length=int(self.meta[f"{side}_max_len"]),
+                                  direction=self.meta["truncation_side"])
+            tok.enable_padding(direction=self.meta["padding_side"], pad_id=int(self.meta["pad_id"]),
+                               pad_token=self.meta["pad_token"])
+            self._tokenizers[side] = tok
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def tokenize(self, texts: list[str], side: str) -> tuple[np.ndarray, np.ndarray]:
+        encs = self._tokenizers[side].encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+        return ids, mask
+
+    def embed(self, texts: list[str], side: str = "query", batch_size: int = 256) -> np.ndarray:
+        """(len(texts), dim) float32 embeddings, L2-normalised when the model normalises."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        session = self._sessions[side]
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[i:i + batch_size], side)
+            emb = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+            out.append(emb.astype(np.float32, copy=False))
+        return np.concatenate(out)

@@ -1,0 +1,321 @@
+"""The training loop: dataset -> trained dual encoder (the `train` stage).
+
+One step: encode the batch's queries with autograd; encode the step's label pool in chunks
+without autograd (recording each chunk's RNG state); compute the loss over the (B, P) score
+matrix and its gradient with respect to the label embeddings; then re-encode each chunk with
+autograd under its recorded RNG state (same dropout) and back-propagate its cached gradient.
+Parameter gradients equal the naive full backward's, while activation memory holds one label
+chunk at a time (gradient caching).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dexml import atomic, paths
+from dexml.config import Params
+from dexml.data import read_dataset
+from dexml.errors import ConfigError
+from dexml.losses import get_loss
+from dexml.model import DualEncoder
+from dexml.negatives import LabelPool, build_pool, build_shortlist
+from dexml.tokens import TokenizedTexts, cached_tokenize
+
+
+# ---------------------------------------------------------------- devices and RNG
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"params key `train.device`: {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast on CUDA (amp=auto) or wherever amp=bf16; otherwise a no-op context."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class RngState:
+    """Torch RNG state (CPU and the CUDA device) captured now, restorable later."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+# ---------------------------------------------------------------- one step
+def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, pool: LabelPool,
+                     loss_fn, chunk: int, device: torch.device, autocast=contextlib.nullcontext) -> float:
+    """Forward + backward for one batch (gradients accumulate in the parameters); returns the loss."""
+    with autocast():
+        q = model.encode_queries(q_ids, q_mask)
+    states, embs = [], []
+    with torch.no_grad():
+        for start in range(0, len(pool.labels), chunk):
+            states.append(RngState(device))
+            ids, mask = label_tok.batch(pool.labels[start:start + chunk], device)
+            with autocast():
+                embs.append(model.encode_labels(ids, mask).float())
+    after = RngState(device)
+    label_emb = torch.cat(embs).requires_grad_()
+    scores = model.scores(q.float(), label_emb)
+    loss = loss_fn(scores, torch.from_numpy(pool.targets).to(device), torch.from_numpy(pool.mask).to(device))
+    loss.backward()
+    grad = label_emb.grad
+    for i, start in enumerate(range(0, len(pool.labels), chunk)):
+        states[i].restore()
+        ids, mask = label_tok.batch(pool.labels[start:start + chunk], device)
+        with autocast():
+            emb = model.encode_labels(ids, mask)
+        emb.backward(grad[start:start + chunk].to(emb.dtype))
+    after.restore()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- evaluation on the validation split
+@torch.no_grad()
+def embed_tokens(encode, tok: TokenizedTexts, rows, device, batch_size: int = 256, autocast=contextlib.nullcontext):
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = tok.batch(rows[start:start + batch_size], device)
+        with autocast():
+            out.append(encode(ids, mask).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix, device, autocast, k: int = 5) -> dict:
+    """P@1 / P@5 (percent) of exact retrieval over all labels, for model selection."""
+    from dexml.metrics import xmc_metrics
+
+    model.eval()
+    labels = embed_tokens(model.encode_labels, label_tok, np.arange(len(label_tok)), device, autocast=autocast)
+    queries = embed_tokens(model.encode_queries, q_tok, q_rows, device, autocast=autocast)
+    model.train()
+    vals, inds = [], []
+    for start in range(0, len(queries), 1024):
+        top = torch.topk(queries[start:start + 1024] @ labels.T, min(k, labels.shape[0]), dim=1)
+        vals.append(top.values.cpu())
+        inds.append(top.indices.cpu())
+    vals, inds = torch.cat(vals).numpy(), torch.cat(inds).numpy()
+    n = len(q_rows)
+    pred = sp.csr_matrix((vals.ravel() + 1e-6, inds.ravel(), np.arange(n + 1) * inds.shape[1]), shape=y_val.shape)
+    m = xmc_metrics(pred, y_val, None, ks=(1, 5), recall_ks=(5,))
+    return {"P@1": m["P@1"], "P@5": m["P@5"]}
+
+
+# ---------------------------------------------------------------- schedule, checkpoint
+def make_optimizer(model, p: Params, total_steps: int):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 else decay).append(param)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.train.lr)
+    warmup = int(p.train.warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def fingerprint(p: Params, data_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: training params and the dataset's bytes."""
+    h = hashlib.sha256(json.dumps({k: asdict(getattr(p, k)) for k in ("data", "model", "loss", "negatives")}
+                                  | {"train": {k: v for k, v in asdict(p.train).items() if k != "num_threads"}},
+                                  sort_keys=True).encode())
+    for name in ("trn.json.gz", "lbl.json.gz"):
+        with open(data_dir / name, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic.atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, fp: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: start over rather than crash
+        print(f"train: ignoring unreadable checkpoint {path} ({e})", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fp:
+        print(f"train: checkpoint {path} is for other params or data; starting over", file=sys.stderr)
+        return None
+    return state
+
+
+def _write_csv(path: Path, header: list[str], rows: list) -> None:
+    atomic.write_text(path, ",".join(header) + "\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- the loop
+def train(p: Params, root: str | Path = ".") -> dict:
+    """Train per params; write the model, metrics and plots under `root`. Returns the metrics."""
+    root = Path(root)
+    data_dir = root / p.data.dir if not Path(p.data.dir).is_absolute() else Path(p.data.dir)
+    ds = read_dataset(data_dir)
+    L = ds.num_labels
+    if p.loss.name == "soft_topk" and p.loss.k >= L:
+        raise ConfigError(f"params key `loss.k`: soft_topk needs k < number of labels ({L}), got {p.loss.k}")
+    device = resolve_device(p.train.device)
+    if p.train.num_threads:
+        torch.set_num_threads(p.train.num_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = lambda: autocast_for(device, p.train.amp)  # noqa: E731
+    torch.manual_seed(p.train.seed)
+    rng = np.random.default_rng(p.train.seed)
+
+    # Validation rows carved from the training split (never the test split).
+    y = ds.trn.labels.tocsr()
+    perm = rng.permutation(len(ds.trn))
+    n_val = min(max(1, int(len(perm) * p.train.val_fraction)), p.train.val_max_points)
+    val_rows, train_rows = np.sort(perm[:n_val]), perm[n_val:]
+    train_rows = np.sort(train_rows[np.diff(y.indptr)[train_rows] > 0])  # rows with a positive
+
+    model = DualEncoder.from_params(p.model).to(device)
+    model.train()
+    cache = root / paths.TOKEN_CACHE_DIR
+    q_tok = cached_tokenize(ds.trn.texts(p.data.query_text), model.tokenizer, p.model.query_max_len, cache)
+    l_tok = cached_tokenize(ds.lbl.texts(p.data.label_text), model.tokenizer, p.model.label_max_len, cache)
+
+    bs = p.train.batch_size
+    steps_per_epoch = math.ceil(len(train_rows) / bs)
+    total_steps = steps_per_epoch * p.train.epochs
+    if p.train.max_steps:
+        total_steps = min(total_steps, p.train.max_steps)
+    opt, sched = make_optimizer(model, p, total_steps)
+    loss_opts = {"k": p.loss.k, "alpha": p.loss.alpha} if p.loss.name == "soft_topk" else {}
+    loss_fn = get_loss(p.loss.name, **loss_opts)
+
+    ckpt_dir = root / paths.CHECKPOINT_DIR
+    ckpt_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.safetensors"
+    fp = fingerprint(p, data_dir)
+    state = load_checkpoint(ckpt_path, fp)
+    start_epoch, step, best, history = 0, 0, {"score": -1.0, "epoch": -1}, {"loss": [], "val": [], "time": 0.0, "examples": 0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        rng.bit_generator.state = state["rng_numpy"]
+        start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
+        print(f"train: resuming after epoch {start_epoch} (step {step}) from {ckpt_path}", file=sys.stderr)
+
+    shortlist = None
+    for epoch in range(start_epoch, p.train.epochs):
+        if step >= total_steps:
+            break
+        if p.negatives.mode == "hard" and (shortlist is None or epoch % p.negatives.refresh_every == 0):
+            model.eval()
+            qe = embed_tokens(model.encode_queries, q_tok, train_rows, device, autocast=autocast)
+            le = embed_tokens(model.encode_labels, l_tok, np.arange(L), device, autocast=autocast)
+            model.train()
+            shortlist = build_shortlist(qe.cpu().numpy(), le.cpu().numpy(), y[train_rows], p.negatives.shortlist)
+            pos_of = {r: i for i, r in enumerate(train_rows)}
+        order = train_rows[rng.permutation(len(train_rows))]
+        bar = tqdm(range(0, len(order), bs), desc=f"epoch {epoch + 1}/{p.train.epochs}", unit="batch",
+                   mininterval=1.0 if sys.stderr.isatty() else 10.0, leave=True)
+        t0, seen = time.perf_counter(), 0
+        for start in bar:
+            if step >= total_steps:
+                break
+            rows = order[start:start + bs]
+            sl = shortlist[[pos_of[r] for r in rows]] if shortlist is not None else None
+            pool = build_pool(p.negatives.mode, y[rows], rng, p.train.sample_positives, sl, p.negatives.num_hard)
+            q_ids, q_mask = q_tok.batch(rows, device)
+            loss = grad_cached_step(model, q_ids, q_mask, l_tok, pool, loss_fn, p.negatives.label_chunk,
+                                    device, autocast)
+            if p.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.train.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(rows)
+            history["loss"].append([step, round(loss, 6), f"{sched.get_last_lr()[0]:.3g}"])
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        bar.close()
+        history["time"] += time.perf_counter() - t0
+        history["examples"] += seen
+
+        val = validate(model, q_tok, val_rows, l_tok, y[val_rows], device, autocast)
+        history["val"].append([epoch + 1, round(val["P@1"], 4), round(val["P@5"], 4)])
+        print(f"train: epoch {epoch + 1} val P@1 {val['P@1']:.2f} P@5 {val['P@5']:.2f}", file=sys.stderr)
+        if val["P@5"] > best["score"]:
+            best = {"score": val["P@5"], "epoch": epoch + 1, "P@1": val["P@1"], "P@5": val["P@5"]}
+            with atomic.atomic_path(best_path, suffix=".safetensors") as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+        save_checkpoint(ckpt_path, {
+            "fingerprint": fp, "epoch": epoch, "step": step, "best": best, "history": history,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng_torch": torch.get_rng_state(), "rng_numpy": rng.bit_generator.state,
+            **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+        })
+
+    # The selected (best validation) model becomes the stage's output.
+    if best_path.exists():
+        model.load_state_dict(load_file(best_path))
+    with atomic.atomic_dir(root / paths.MODEL_DIR) as tmp:
+        model.cpu().save(tmp)
+    metrics = {
+        "epochs": p.train.epochs, "steps": step, "best_epoch": best["epoch"],
+        "val_P@1": best.get("P@1"), "val_P@5": best.get("P@5"),
+        "examples_per_s": round(history["examples"] / max(history["time"], 1e-9), 2),
+        "train_time_s": round(history["time"], 1), "device": str(device),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+    }
+    plots = root / paths.TRAIN_PLOTS
+    _write_csv(plots / "loss.csv", ["step", "loss", "lr"], history["loss"])
+    _write_csv(plots / "val.csv", ["epoch", "P@1", "P@5"], history["val"])
+    atomic.write_json(root / paths.TRAIN_METRICS, metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
+    return metrics
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(args) -> int:
+    from dexml.cli import load_params_from_args
+
+    metrics = train(load_params_from_args(args))
+    print(json.dumps(metrics, indent=2))
+    return 0

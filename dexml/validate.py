@@ -1,0 +1,309 @@
+"""The `validate` stage: a great-expectations suite over the canonical dataset, and its statistics.
+
+Each JSON-lines file is parsed line by line (malformed lines are collected with their line
+numbers), then turned into a pandas frame with one row per line and a `line` column. Checks
+that great-expectations cannot state directly (a row's label list in range and without
+duplicates) are precomputed as boolean columns that the suite then expects to be true. Every
+problem is collected, not just the first: the full report goes to reports/validation.json and
+a failure raises one DataError naming file, lines, field and expectation. Only a dataset that
+passes gets its statistics written to metrics/data.json (DVC metrics), so a failed run leaves
+the previous statistics in place. Rows without labels are legal (the repository's own
+evaluation keeps them) and counted.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dexml import atomic
+from dexml.data import FILTER_FILES, LABEL_FILE, SPLIT_FILES
+from dexml.errors import DataError
+from dexml.paths import DATA_METRICS, VALIDATION_REPORT
+
+SHOW_LINES = 5  # line numbers quoted in the error message (the report keeps up to REPORT_LINES)
+REPORT_LINES = 1000
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass
+class Check:
+    """One failed check: `count` rows/lines of `file` break `expected`."""
+
+    file: str
+    expected: str
+    count: int
+    lines: list[int]
+
+    def message(self) -> str:
+        if not self.lines:  # a file-level check (readable, not empty)
+            return f'{self.file}: fails "{self.expected}"'
+        shown = ", ".join(map(str, self.lines[:SHOW_LINES])) + (", ..." if self.count > SHOW_LINES else "")
+        rows = "row fails" if self.count == 1 else "rows fail"
+        return f'{self.file}: {self.count} {rows} "{self.expected}" (line{"s" if self.count > 1 else ""} {shown})'
+
+
+@dataclass
+class FileResult:
+    path: str
+    lines: int = 0  # non-blank lines: the row count downstream readers see
+    malformed: list[int] = field(default_factory=list)
+    read_error: str | None = None
+    checks: list[dict] = field(default_factory=list)  # every expectation, passed or not
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+def _objects(path: Path, res: FileResult):
+    """Yield (line number, object) of a gzipped JSON-lines file; record what cannot be read."""
+    if not path.is_file():
+        res.read_error = "file not found"
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                res.lines += 1
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    obj = None
+                if isinstance(obj, dict):
+                    yield lineno, obj
+                else:
+                    res.malformed.append(lineno)
+    except (OSError, EOFError) as e:
+        res.read_error = f"cannot read as gzipped JSON lines ({e})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _target_ind_ok(inds, num_labels: int) -> bool:
+    return (isinstance(inds, list) and all(_is_int(j) and 0 <= j < num_labels for j in inds)
+            and len(set(inds)) == len(inds))
+
+
+def _target_rel_ok(rels, inds) -> bool:
+    return rels is None or (
+        isinstance(rels, list) and isinstance(inds, list) and len(rels) == len(inds)
+        and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rels))
+
+
+def _scan(path: Path, res: FileResult, num_labels: int | None = None):
+    """The frame of a labels file (num_labels None) or a split, built while streaming: row
+    objects are not kept (files can be GBs). For a split, also the training count per label."""
+    import pandas as pd
+
+    cols = {"line": [], "uid": [], "title_len": []}
+    if num_labels is not None:
+        cols.update(target_ind_ok=[], target_rel_ok=[], num_targets=[])
+    counts = np.zeros(num_labels or 0, np.int64)
+    pending: list[int] = []  # valid label ids, folded into `counts` in blocks
+    for lineno, obj in _objects(path, res):
+        uid, title = obj.get("uid"), obj.get("title")
+        cols["line"].append(lineno)
+        cols["uid"].append(str(uid) if (isinstance(uid, str) and uid) or _is_int(uid) else None)
+        cols["title_len"].append(len(title.strip()) if isinstance(title, str) else 0)
+        if num_labels is not None:
+            inds = obj.get("target_ind")
+            good = _target_ind_ok(inds, num_labels)
+            cols["target_ind_ok"].append(good)
+            cols["target_rel_ok"].append(_target_rel_ok(obj.get("target_rel"), inds))
+            cols["num_targets"].append(len(inds) if good else 0)
+            if good:
+                pending.extend(inds)
+                if len(pending) > 1 << 20:
+                    counts += np.bincount(pending, minlength=num_labels)
+                    pending.clear()
+    if pending:
+        counts += np.bincount(pending, minlength=num_labels)
+    return pd.DataFrame(cols), counts
+
+
+def _filter_frame(path: Path, res: FileResult, num_rows: int, num_labels: int):
+    import pandas as pd
+
+    lines, parsed, row_ok, label_ok = [], [], [], []
+    if path.is_file():
+        for lineno, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not text.strip():
+                continue
+            res.lines += 1
+            parts = text.split()
+            try:
+                row, label = (int(x) for x in parts) if len(parts) == 2 else (None, None)
+            except ValueError:
+                row, label = None, None
+            lines.append(lineno)
+            parsed.append(row is not None)
+            # An unparsed line fails only the parse check.
+            row_ok.append(row is None or 0 <= row < num_rows)
+            label_ok.append(label is None or 0 <= label < num_labels)
+    return pd.DataFrame({"line": lines, "parsed": parsed, "row_ok": row_ok, "label_ok": label_ok})
+
+
+# --- the suite ---------------------------------------------------------------------------
+
+def _expectations(kind: str, num_labels: int, num_rows: int):
+    """(human description, expectation) pairs for one file kind."""
+    import great_expectations.expectations as gxe
+
+    text = [
+        ("uid present (a non-empty string or an integer)", gxe.ExpectColumnValuesToNotBeNull(column="uid")),
+        ("uid unique", gxe.ExpectColumnValuesToBeUnique(column="uid")),
+        ("title a non-empty string", gxe.ExpectColumnValuesToBeBetween(column="title_len", min_value=1)),
+    ]
+    if kind == "lbl":
+        return [("at least one label", gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text
+    if kind == "split":
+        return [("at least one row", gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text + [
+            (f"target_ind a list of integers in [0, {num_labels}) without duplicates",
+             gxe.ExpectColumnValuesToBeInSet(column="target_ind_ok", value_set=[True])),
+            ("target_rel (if present) positive numbers, as many as target_ind",
+             gxe.ExpectColumnValuesToBeInSet(column="target_rel_ok", value_set=[True])),
+        ]
+    return [  # filter file
+        ('a line "row label" of two integers', gxe.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True])),
+        (f"filter row in [0, {num_rows})", gxe.ExpectColumnValuesToBeInSet(column="row_ok", value_set=[True])),
+        (f"filter label in [0, {num_labels})",
+         gxe.ExpectColumnValuesToBeInSet(column="label_ok", value_set=[True])),
+    ]
+
+
+class _Suite:
+    """An ephemeral great-expectations context; one suite and validation per file."""
+
+    def __init__(self):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+
+        self.gx = gx
+        self.ctx = gx.get_context(mode="ephemeral")
+        self.ctx.variables.progress_bars = {"globally": False}
+        self.source = self.ctx.data_sources.add_pandas("dexml")
+
+    def run(self, name: str, frame, expectations, res: FileResult, failures: list[Check]) -> None:
+        gx = self.gx
+        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = self.ctx.suites.add(gx.ExpectationSuite(name=name))
+        for desc, exp in expectations:
+            exp.meta = {"expected": desc}
+            suite.add_expectation(exp)
+        vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        result = vd.run(batch_parameters={"dataframe": frame}, result_format={
+            "result_format": "COMPLETE", "unexpected_index_column_names": ["line"],
+            "return_unexpected_index_query": False})
+        for r in result.results:
+            desc = r.expectation_config.meta["expected"]
+            out = r.result or {}
+            lines = sorted(int(x["line"]) for x in out.get("unexpected_index_list") or [])
+            count = int(out.get("unexpected_count") or 0)
+            if not r.success and count == 0:  # a table-level expectation (row count)
+                count = 1
+            res.checks.append({"expected": desc, "expectation": r.expectation_config.type,
+                               "success": bool(r.success), "unexpected_count": count,
+                               "unexpected_lines": lines[:REPORT_LINES]})
+            if not r.success:
+                failures.append(Check(res.path, desc, count, lines))
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+def validate_dataset(root: str | Path, report_path: str | Path = VALIDATION_REPORT,
+                     metrics_path: str | Path = DATA_METRICS) -> dict:
+    """Check the dataset under `root`; write the report, and on success the statistics.
+
+    Returns the statistics; raises DataError (after writing the report) on any failure.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset directory {root} not found (run the download stage first)")
+    suite = _Suite()
+    failures: list[Check] = []
+    files: dict[str, FileResult] = {}
+
+    def scanned(name: str, num_labels: int | None = None):
+        res = files[name] = FileResult(str(root / name))
+        frame, counts = _scan(root / name, res, num_labels)
+        if res.read_error:
+            failures.append(Check(res.path, f"a readable file ({res.read_error})", 1, []))
+        if res.malformed:
+            failures.append(Check(res.path, "a JSON object per line", len(res.malformed), res.malformed))
+        return res, frame, counts
+
+    lbl_res, lbl_frame, _ = scanned(LABEL_FILE)
+    num_labels = lbl_res.lines  # a label's index is its position among non-blank lines
+    suite.run("lbl", lbl_frame, _expectations("lbl", num_labels, 0), lbl_res, failures)
+
+    split_stats, label_counts = {}, {}
+    for side, name in SPLIT_FILES.items():
+        res, frame, label_counts[side] = scanned(name, num_labels)
+        suite.run(side, frame, _expectations("split", num_labels, 0), res, failures)
+        fres = files[FILTER_FILES[side]] = FileResult(str(root / FILTER_FILES[side]))
+        filt = _filter_frame(root / FILTER_FILES[side], fres, res.lines, num_labels)
+        suite.run(f"filter_{side}", filt, _expectations("filter", num_labels, res.lines), fres, failures)
+        split_stats[side] = _split_stats(frame["num_targets"].to_numpy(), label_counts[side], res.lines,
+                                         fres.lines)
+
+    stats = {"labels": num_labels, **split_stats, "label_freq": _label_freq(label_counts["trn"])}
+    report = {
+        "dataset": str(root),
+        "success": not failures,
+        "num_labels": num_labels,
+        "files": {name: {"path": r.path, "lines": r.lines, "read_error": r.read_error,
+                         "malformed_lines": {"count": len(r.malformed), "lines": r.malformed[:REPORT_LINES]},
+                         "checks": r.checks}
+                  for name, r in files.items()},
+        "failures": [f.message() for f in failures],
+        "stats": stats if not failures else None,
+    }
+    atomic.write_json(report_path, report)
+    if failures:
+        raise DataError(f"dataset {root} failed validation ({len(failures)} problem"
+                        f"{'s' if len(failures) > 1 else ''}; full report in {report_path}):\n  "
+                        + "\n  ".join(f.message() for f in failures))
+    atomic.write_json(metrics_path, stats)
+    return stats
+
+
+def _split_stats(sizes: np.ndarray, counts: np.ndarray, num_rows: int, filter_pairs: int) -> dict:
+    num_labels = len(counts)
+    return {
+        "points": int(num_rows),
+        "pairs": int(sizes.sum()),
+        "labels_per_point": round(float(sizes.mean()), 4) if len(sizes) else 0.0,
+        "points_per_label": round(float(sizes.sum() / num_labels), 4) if num_labels else 0.0,
+        "empty_rows": int((sizes == 0).sum()),
+        "labels_without_points": int((counts == 0).sum()),
+        "filter_pairs": int(filter_pairs),
+    }
+
+
+def _label_freq(counts: np.ndarray) -> dict:
+    """Quantiles of the number of training points per label (the head/tail shape)."""
+    if not len(counts):
+        return {}
+    out = {f"q{round(q * 100)}": round(float(np.quantile(counts, q)), 2) for q in QUANTILES}
+    out["max"] = int(counts.max())
+    return out
+
+
+def main(args) -> int:
+    from dexml.cli import load_params_from_args
+
+    params = load_params_from_args(args)
+    t0 = time.time()
+    stats = validate_dataset(params.data.dir)
+    print(f"[validate] {params.data.dir}: {stats['trn']['points']} train / {stats['tst']['points']} "
+          f"test points, {stats['labels']} labels, {stats['trn']['empty_rows']} train rows without "
+          f"labels; passed in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
