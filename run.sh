@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${DEXML_VENV:-.venv}
+export PATH="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")/bin:$PATH"  # dvc stages call `python`
 export DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=False PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 

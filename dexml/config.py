@@ -20,7 +20,7 @@ from dexml.errors import ConfigError
 @dataclass
 class SyntheticParams:
     num_labels: int = 120
-    num_train: int = 1500
+    num_train: int = 1000
     num_test: int = 400
     words_per_label: int = 6
     labels_per_point: float = 2.5  # mean; drawn from a shifted Poisson, at least 1

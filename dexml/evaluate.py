@@ -8,8 +8,9 @@ dexml.metrics computes the XMC metrics (percent). Outputs (paths relative to the
     plots/eval/precision_recall_at_k.csv  k,P@k,R@k for k = 1..100
     plots/eval/buckets.csv              bucket,share,labels (correct top-5 by label frequency)
     artifacts/bundle/manifest.json      dataset, params, git revision, metrics, checksums
-If the bundle has an int8 query encoder, the test set is scored with it as well and its
-metrics and differences to fp32 go under "int8".
+If the bundle has an int8 query encoder, the test set is scored with it as well (against the
+same fp32 label index, as it would be served) and its metrics and differences to fp32 go
+under "int8".
 """
 from __future__ import annotations
 

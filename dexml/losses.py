@@ -45,7 +45,10 @@ def _row_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 def _row_max(x: torch.Tensor, group=None) -> torch.Tensor:
     """max over the last axis, across ranks too (not differentiable: only used as a shift/bracket)."""
-    top = x.detach().amax(dim=-1)
+    if x.shape[-1] == 0:  # a rank's empty shard of a small label pool
+        top = x.new_full(x.shape[:-1], float("-inf")).detach()
+    else:
+        top = x.detach().amax(dim=-1)
     if group is not None:
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
     return top

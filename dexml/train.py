@@ -6,6 +6,10 @@ matrix and its gradient with respect to the label embeddings; then re-encode eac
 autograd under its recorded RNG state (same dropout) and back-propagate its cached gradient.
 Parameter gradients equal the naive full backward's, while activation memory holds one label
 chunk at a time (gradient caching).
+
+Under torchrun (`train.nproc` > 1, see dexml/distributed.py and docs/distributed.md) each process
+takes its share of the batch's queries and its shard of the label pool; rank 0 validates,
+refreshes the shortlist and writes checkpoints and outputs.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dexml import atomic, paths
+from dexml import atomic, distributed, paths
 from dexml.config import Params
 from dexml.data import read_dataset
 from dexml.errors import ConfigError
@@ -68,10 +72,18 @@ class RngState:
 
 # ---------------------------------------------------------------- one step
 def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, pool: LabelPool,
-                     loss_fn, chunk: int, device: torch.device, autocast=contextlib.nullcontext) -> float:
-    """Forward + backward for one batch (gradients accumulate in the parameters); returns the loss."""
+                     loss_fn, chunk: int, device: torch.device, autocast=contextlib.nullcontext,
+                     group=None) -> float:
+    """Forward + backward for one batch (gradients accumulate in the parameters); returns the loss.
+
+    With a process group, `q_ids`/`q_mask` are this rank's share of the batch's queries and `pool`
+    its shard of the label pool (all the batch's rows): the queries are gathered from all ranks and
+    the loss reduces over every rank's shard. The gradients then need averaging over ranks
+    (`Context.average_gradients`)."""
+    dim = model.meta.dim
     with autocast():
-        q = model.encode_queries(q_ids, q_mask)
+        # A rank's share of a last batch smaller than the world can be empty.
+        q = model.encode_queries(q_ids, q_mask) if len(q_ids) else torch.zeros(0, dim, device=device)
     states, embs = [], []
     with torch.no_grad():
         for start in range(0, len(pool.labels), chunk):
@@ -80,9 +92,11 @@ def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedText
             with autocast():
                 embs.append(model.encode_labels(ids, mask).float())
     after = RngState(device)
-    label_emb = torch.cat(embs).requires_grad_()
-    scores = model.scores(q.float(), label_emb)
-    loss = loss_fn(scores, torch.from_numpy(pool.targets).to(device), torch.from_numpy(pool.mask).to(device))
+    label_emb = (torch.cat(embs) if embs else torch.zeros(0, dim, device=device)).requires_grad_()
+    q = distributed.gather_rows(q.float(), group)
+    scores = model.scores(q, label_emb)
+    loss = loss_fn(scores, torch.from_numpy(pool.targets).to(device), torch.from_numpy(pool.mask).to(device),
+                   group=group)
     loss.backward()
     grad = label_emb.grad
     for i, start in enumerate(range(0, len(pool.labels), chunk)):
@@ -146,8 +160,9 @@ def make_optimizer(model, p: Params, total_steps: int):
 
 def fingerprint(p: Params, data_dir: Path) -> str:
     """What a checkpoint must match to be resumed: training params and the dataset's bytes."""
+    ignored = ("num_threads", "node_rank", "master_addr", "master_port")  # differ per node or run, not the math
     h = hashlib.sha256(json.dumps({k: asdict(getattr(p, k)) for k in ("data", "model", "loss", "negatives")}
-                                  | {"train": {k: v for k, v in asdict(p.train).items() if k != "num_threads"}},
+                                  | {"train": {k: v for k, v in asdict(p.train).items() if k not in ignored}},
                                   sort_keys=True).encode())
     for name in ("trn.json.gz", "lbl.json.gz"):
         with open(data_dir / name, "rb") as f:
@@ -181,14 +196,21 @@ def _write_csv(path: Path, header: list[str], rows: list) -> None:
 
 # ---------------------------------------------------------------- the loop
 def train(p: Params, root: str | Path = ".") -> dict:
-    """Train per params; write the model, metrics and plots under `root`. Returns the metrics."""
+    """Train per params; write the model, metrics and plots under `root`. Returns the metrics.
+
+    Inside torchrun this process joins the process group and trains its part of every step."""
     root = Path(root)
     data_dir = root / p.data.dir if not Path(p.data.dir).is_absolute() else Path(p.data.dir)
     ds = read_dataset(data_dir)
     L = ds.num_labels
     if p.loss.name == "soft_topk" and p.loss.k >= L:
         raise ConfigError(f"params key `loss.k`: soft_topk needs k < number of labels ({L}), got {p.loss.k}")
-    device = resolve_device(p.train.device)
+    with distributed.setup(resolve_device(p.train.device)) as ctx:
+        return _train(p, root, data_dir, ds, ctx)
+
+
+def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) -> dict:
+    device = ctx.device
     if p.train.num_threads:
         torch.set_num_threads(p.train.num_threads)
     if device.type == "cuda":
@@ -196,7 +218,7 @@ def train(p: Params, root: str | Path = ".") -> dict:
         torch.backends.cudnn.allow_tf32 = True
     autocast = lambda: autocast_for(device, p.train.amp)  # noqa: E731
     torch.manual_seed(p.train.seed)
-    rng = np.random.default_rng(p.train.seed)
+    rng = np.random.default_rng(p.train.seed)  # shared decisions: the same on every rank
 
     # Validation rows carved from the training split (never the test split).
     y = ds.trn.labels.tocsr()
@@ -207,11 +229,12 @@ def train(p: Params, root: str | Path = ".") -> dict:
 
     model = DualEncoder.from_params(p.model).to(device)
     model.train()
+    ctx.broadcast_parameters(model)
     cache = root / paths.TOKEN_CACHE_DIR
     q_tok = cached_tokenize(ds.trn.texts(p.data.query_text), model.tokenizer, p.model.query_max_len, cache)
     l_tok = cached_tokenize(ds.lbl.texts(p.data.label_text), model.tokenizer, p.model.label_max_len, cache)
 
-    bs = p.train.batch_size
+    bs = p.train.batch_size  # the global batch, shared out over the ranks
     steps_per_epoch = math.ceil(len(train_rows) / bs)
     total_steps = steps_per_epoch * p.train.epochs
     if p.train.max_steps:
@@ -234,22 +257,23 @@ def train(p: Params, root: str | Path = ".") -> dict:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         rng.bit_generator.state = state["rng_numpy"]
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
-        print(f"train: resuming after epoch {start_epoch} (step {step}) from {ckpt_path}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"train: resuming after epoch {start_epoch} (step {step}) from {ckpt_path}", file=sys.stderr)
+    ctx.check_same(start_epoch, f"the epoch to resume from ({ckpt_path}; with train.nnodes > 1 every node "
+                                f"needs the same work directory, e.g. on shared storage)")
 
     shortlist = None
     for epoch in range(start_epoch, p.train.epochs):
         if step >= total_steps:
             break
+        ctx.seed_dropout(p.train.seed, epoch)
         if p.negatives.mode == "hard" and (shortlist is None or epoch % p.negatives.refresh_every == 0):
-            model.eval()
-            qe = embed_tokens(model.encode_queries, q_tok, train_rows, device, autocast=autocast)
-            le = embed_tokens(model.encode_labels, l_tok, np.arange(L), device, autocast=autocast)
-            model.train()
-            shortlist = build_shortlist(qe.cpu().numpy(), le.cpu().numpy(), y[train_rows], p.negatives.shortlist)
+            shortlist = ctx.from_main(lambda: _refresh_shortlist(model, q_tok, l_tok, train_rows, y, p, device, autocast),
+                                      (len(train_rows), p.negatives.shortlist), np.int64)
             pos_of = {r: i for i, r in enumerate(train_rows)}
         order = train_rows[rng.permutation(len(train_rows))]
         bar = tqdm(range(0, len(order), bs), desc=f"epoch {epoch + 1}/{p.train.epochs}", unit="batch",
-                   mininterval=1.0 if sys.stderr.isatty() else 10.0, leave=True)
+                   mininterval=1.0 if sys.stderr.isatty() else 10.0, leave=True, disable=not ctx.is_main)
         t0, seen = time.perf_counter(), 0
         for start in bar:
             if step >= total_steps:
@@ -257,9 +281,10 @@ def train(p: Params, root: str | Path = ".") -> dict:
             rows = order[start:start + bs]
             sl = shortlist[[pos_of[r] for r in rows]] if shortlist is not None else None
             pool = build_pool(p.negatives.mode, y[rows], rng, p.train.sample_positives, sl, p.negatives.num_hard)
-            q_ids, q_mask = q_tok.batch(rows, device)
-            loss = grad_cached_step(model, q_ids, q_mask, l_tok, pool, loss_fn, p.negatives.label_chunk,
-                                    device, autocast)
+            q_ids, q_mask = q_tok.batch(ctx.share(rows), device)
+            loss = grad_cached_step(model, q_ids, q_mask, l_tok, ctx.shard(pool), loss_fn, p.negatives.label_chunk,
+                                    device, autocast, group=ctx.group)
+            ctx.average_gradients(model)
             if p.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.train.grad_clip)
             opt.step()
@@ -273,38 +298,51 @@ def train(p: Params, root: str | Path = ".") -> dict:
         history["time"] += time.perf_counter() - t0
         history["examples"] += seen
 
-        val = validate(model, q_tok, val_rows, l_tok, y[val_rows], device, autocast)
-        history["val"].append([epoch + 1, round(val["P@1"], 4), round(val["P@5"], 4)])
-        print(f"train: epoch {epoch + 1} val P@1 {val['P@1']:.2f} P@5 {val['P@5']:.2f}", file=sys.stderr)
-        if val["P@5"] > best["score"]:
-            best = {"score": val["P@5"], "epoch": epoch + 1, "P@1": val["P@1"], "P@5": val["P@5"]}
-            with atomic.atomic_path(best_path, suffix=".safetensors") as tmp:
-                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-        save_checkpoint(ckpt_path, {
-            "fingerprint": fp, "epoch": epoch, "step": step, "best": best, "history": history,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng_torch": torch.get_rng_state(), "rng_numpy": rng.bit_generator.state,
-            **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-        })
+        if ctx.is_main:  # the others wait at the barrier
+            val = validate(model, q_tok, val_rows, l_tok, y[val_rows], device, autocast)
+            history["val"].append([epoch + 1, round(val["P@1"], 4), round(val["P@5"], 4)])
+            print(f"train: epoch {epoch + 1} val P@1 {val['P@1']:.2f} P@5 {val['P@5']:.2f}", file=sys.stderr)
+            if val["P@5"] > best["score"]:
+                best = {"score": val["P@5"], "epoch": epoch + 1, "P@1": val["P@1"], "P@5": val["P@5"]}
+                with atomic.atomic_path(best_path, suffix=".safetensors") as tmp:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+            save_checkpoint(ckpt_path, {
+                "fingerprint": fp, "epoch": epoch, "step": step, "best": best, "history": history,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng_torch": torch.get_rng_state(), "rng_numpy": rng.bit_generator.state,
+                **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            })
+        ctx.barrier()
 
-    # The selected (best validation) model becomes the stage's output.
-    if best_path.exists():
-        model.load_state_dict(load_file(best_path))
-    with atomic.atomic_dir(root / paths.MODEL_DIR) as tmp:
-        model.cpu().save(tmp)
     metrics = {
         "epochs": p.train.epochs, "steps": step, "best_epoch": best["epoch"],
         "val_P@1": best.get("P@1"), "val_P@5": best.get("P@5"),
         "examples_per_s": round(history["examples"] / max(history["time"], 1e-9), 2),
-        "train_time_s": round(history["time"], 1), "device": str(device),
+        "train_time_s": round(history["time"], 1), "device": str(device), "processes": ctx.world,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
     }
-    plots = root / paths.TRAIN_PLOTS
-    _write_csv(plots / "loss.csv", ["step", "loss", "lr"], history["loss"])
-    _write_csv(plots / "val.csv", ["epoch", "P@1", "P@5"], history["val"])
-    atomic.write_json(root / paths.TRAIN_METRICS, metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
+    if ctx.is_main:
+        # The selected (best validation) model becomes the stage's output.
+        if best_path.exists():
+            model.load_state_dict(load_file(best_path))
+        with atomic.atomic_dir(root / paths.MODEL_DIR) as tmp:
+            model.cpu().save(tmp)
+        plots = root / paths.TRAIN_PLOTS
+        _write_csv(plots / "loss.csv", ["step", "loss", "lr"], history["loss"])
+        _write_csv(plots / "val.csv", ["epoch", "P@1", "P@5"], history["val"])
+        atomic.write_json(root / paths.TRAIN_METRICS, metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
+    ctx.barrier()
     return metrics
+
+
+def _refresh_shortlist(model, q_tok, l_tok, train_rows, y, p: Params, device, autocast) -> np.ndarray:
+    """Each training query's hardest negatives under the current model."""
+    model.eval()
+    qe = embed_tokens(model.encode_queries, q_tok, train_rows, device, autocast=autocast)
+    le = embed_tokens(model.encode_labels, l_tok, np.arange(len(l_tok)), device, autocast=autocast)
+    model.train()
+    return build_shortlist(qe.cpu().numpy(), le.cpu().numpy(), y[train_rows], p.negatives.shortlist)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -316,6 +354,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def main(args) -> int:
     from dexml.cli import load_params_from_args
 
-    metrics = train(load_params_from_args(args))
-    print(json.dumps(metrics, indent=2))
+    p = load_params_from_args(args)
+    if distributed.should_launch(p.train):
+        return distributed.launch(p.train, args.params, args.set or [])
+    metrics = train(p)
+    if distributed.is_main_process():
+        print(json.dumps(metrics, indent=2))
     return 0
