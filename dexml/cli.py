@@ -22,6 +22,7 @@ COMMANDS = {
     "index": ("dexml.index", "embed all labels with the ONNX encoder and build the faiss index"),
     "evaluate": ("dexml.evaluate", "score the test split with the bundle; write metrics and plots"),
     "predict": ("dexml.predict", "top labels for texts, from a bundle (no torch)"),
+    "preset": ("dexml.presets", "print (or --apply) the paper's settings for one of its datasets"),
     "promote": ("dexml.promote", "gate a candidate bundle against production and promote it"),
     "rollback": ("dexml.promote", "restore the previous production bundle"),
 }

@@ -138,6 +138,8 @@ class FlowParams:
     guarded: dict = field(default_factory=lambda: {"P@1": 1.0, "PSP@5": 1.0})
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
+    download_retries: int = 2  # the retrain flow's download task: extra attempts after a failure
+    download_retry_delay: float = 60.0  # seconds before the first retry; doubles each time
 
 
 @dataclass

@@ -138,30 +138,36 @@ def release_of(production_dir: str | Path, link: str = CURRENT) -> Path | None:
     return target
 
 
-def production_manifest(production_dir: str | Path) -> dict | None:
-    current = release_of(production_dir)
-    return None if current is None else read_manifest(current)
+@dataclass
+class GateResult:
+    decision: Decision
+    candidate: dict  # the candidate bundle's manifest
+    production: dict | None  # production's manifest when the decision was made
+    production_release: Path | None  # the release `current` pointed to then
+    release: Path | None  # the new release, when promoted
 
 
 def gate_and_promote(bundle_dir: str | Path, production_dir: str | Path, flow: FlowParams,
-                     data_stats: str | Path | None = None, force: bool = False) -> tuple[Decision, Path | None]:
+                     data_stats: str | Path | None = None, force: bool = False) -> GateResult:
     """Compare the candidate bundle with production and promote it if the gate passes.
 
-    Holds the production lock from reading production's metrics to the switch, so the
-    comparison is against the bundle being replaced. Returns (decision, new release or None).
+    The production lock is held from reading production's metrics to the switch, so the
+    comparison is with the bundle being replaced. `data_stats` (metrics/data.json) is kept
+    with the release for the next run's data-statistics comparison.
     """
-    manifest = verify_bundle(bundle_dir)
+    candidate = verify_bundle(bundle_dir)
     with exclusive_lock(Path(production_dir) / LOCK_FILE, f"production {production_dir}"):
-        production = production_manifest(production_dir)
-        decision = decide(manifest.get("metrics") or {}, None if production is None else production["metrics"],
+        current = release_of(production_dir)
+        production = None if current is None else read_manifest(current)
+        decision = decide(candidate.get("metrics") or {}, None if production is None else production.get("metrics") or {},
                           flow.gate_metric, flow.min_delta, flow.guarded)
         if force and not decision.promote:
-            decision = Decision(True, ["forced (--force): gate result ignored", *decision.reasons])
-        release = _promote_locked(bundle_dir, production_dir, data_stats) if decision.promote else None
-    return decision, release
+            decision = Decision(True, ["forced (--force): the gate said no", *decision.reasons])
+        release = _install_release(bundle_dir, production_dir, data_stats) if decision.promote else None
+    return GateResult(decision, candidate, production, current, release)
 
 
-def _promote_locked(bundle_dir: str | Path, production_dir: str | Path, data_stats: str | Path | None) -> Path:
+def _install_release(bundle_dir: str | Path, production_dir: str | Path, data_stats: str | Path | None) -> Path:
     bundle, prod = Path(bundle_dir), Path(production_dir)
     releases = prod / RELEASES
     releases.mkdir(parents=True, exist_ok=True)
@@ -233,13 +239,13 @@ def promote_main(args) -> int:
     from dexml.cli import load_params_from_args
 
     flow = load_params_from_args(args).flow
-    decision, release = gate_and_promote(args.bundle, args.production, flow, args.data_stats, args.force)
-    for reason in decision.reasons:
+    result = gate_and_promote(args.bundle, args.production, flow, args.data_stats, args.force)
+    for reason in result.decision.reasons:
         print(f"  {reason}", file=sys.stderr)
-    if release is None:
-        print(f"not promoted; production unchanged ({release_of(args.production) or 'empty'})")
+    if result.release is None:
+        print(f"not promoted; production unchanged ({result.production_release})")
     else:
-        print(f"promoted {args.bundle} as {release} (now {Path(args.production) / CURRENT})")
+        print(f"promoted {args.bundle} as {result.release} (now {Path(args.production) / CURRENT})")
     return 0
 
 
