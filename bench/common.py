@@ -62,8 +62,12 @@ def default_out(name: str, device: str) -> Path:
 class Results:
     """One benchmark's JSON file, rewritten after every added row."""
 
-    def __init__(self, path, benchmark: str, device: str, settings: dict):
+    def __init__(self, path, benchmark: str, device: str, settings: dict, append: bool = False):
+        """append: keep an existing file's rows (and its settings and machine) and add to them."""
         self.path = Path(path)
+        if append and self.path.exists():
+            self.doc = json.loads(self.path.read_text())
+            return
         self.doc = {"benchmark": benchmark, "machine": machine_info(device), "settings": settings,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
 
@@ -74,6 +78,7 @@ class Results:
     def save(self) -> None:
         from dexml import atomic
 
+        self.doc["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
         atomic.write_json(self.path, self.doc)
 
 
@@ -174,18 +179,20 @@ def text_mode(spec: str, requested: str | None) -> str:
 
 
 # ---------------------------------------------------------------- retrieval
-def exact_top_k(queries, labels, k: int, chunk: int = 4096):
-    """Exact inner-product top-k (torch, on the tensors' device) -> CSR scores (n x L) on CPU.
+def exact_top_k(queries, labels, k: int, score=None, chunk: int = 4096):
+    """Exact top-k (torch, on the tensors' device) -> CSR scores (n x L) on CPU.
 
-    What a flat faiss index returns; used where faiss is absent (the GPU machine)."""
+    score(q_chunk, labels) gives the logits; default the inner product, what a flat faiss index
+    returns (used where faiss is absent: the GPU machine)."""
     import numpy as np
     import scipy.sparse as sp
     import torch
 
+    score = score or (lambda q, lab: q.float() @ lab.float().T)
     k = min(k, labels.shape[0])
     vals, inds = [], []
     for start in range(0, queries.shape[0], chunk):
-        top = torch.topk(queries[start:start + chunk].float() @ labels.float().T, k, dim=1)
+        top = torch.topk(score(queries[start:start + chunk], labels), k, dim=1)
         vals.append(top.values.cpu())
         inds.append(top.indices.cpu())
     vals, inds = torch.cat(vals).numpy(), torch.cat(inds).numpy()

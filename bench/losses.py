@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-LOSSES = ("softmax", "decoupled_softmax", "soft_topk", "bce")
+LOSSES = ("decoupled_softmax", "softmax", "soft_topk", "bce")  # the goal first: a run cut short keeps it
 BASELINES = ("tfidf", "zeroshot")
 COLUMNS = ["method", "P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5", "R@10", "train_s", "best_epoch"]
 
@@ -107,7 +107,9 @@ def score_model(model, ds, texts, device: str) -> dict:
     with torch.no_grad():
         q = embed_tokens(model.encode_queries, q_tok, np.arange(len(q_tok)), device)
         lab = embed_tokens(model.encode_labels, l_tok, np.arange(len(l_tok)), device)
-    return common.xmc_eval(common.exact_top_k(q, lab, 100), ds)
+        ids = torch.arange(len(lab), device=lab.device)
+        scores = common.exact_top_k(q, lab, 100, lambda qc, lc: model.scores(qc, lc, label_ids=ids))
+    return common.xmc_eval(scores, ds)
 
 
 def val_curve(root: Path) -> list:
@@ -120,6 +122,7 @@ def val_curve(root: Path) -> list:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    baselines, loss_names = names(args.baselines, BASELINES), names(args.losses, LOSSES)
     device = common.resolve_device(args.device)
     args.device = device
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dexml_bench_losses_"))
@@ -136,14 +139,10 @@ def main(argv=None) -> dict:
                 "tfidf": "word 1-2 grams, sublinear tf, min_df 2, 50-NN label voting (dexml.baselines)"}
     out = Path(args.out) if args.out else common.default_out(
         "losses" if args.data != "synthetic" else "losses_synthetic", device)
-    results = common.Results(out, "losses", device, settings)
-    if args.append and out.exists():
-        import json
-
-        results.doc["rows"] = json.loads(out.read_text())["rows"]
+    results = common.Results(out, "losses", device, settings, append=args.append)
     rows = []
 
-    for name in names(args.baselines, BASELINES):
+    for name in baselines:
         start = time.perf_counter()
         if name == "tfidf":
             from dexml.baselines import tfidf_knn_scores
@@ -155,7 +154,7 @@ def main(argv=None) -> dict:
             from dexml.config import parse_params
             from dexml.model import DualEncoder
 
-            model = DualEncoder.from_params(parse_params(copy.deepcopy(raw)).model)
+            model = DualEncoder.from_params(parse_params(copy.deepcopy(raw)).model, train_labels=ds.trn.labels)
             row = {"method": f"zero-shot ({Path(args.encoder).name})", **score_model(model, ds, texts, device)}
             del model
         row["seconds"] = round(time.perf_counter() - start, 1)
@@ -163,7 +162,7 @@ def main(argv=None) -> dict:
         results.add(row)
         print(f"{row['method']}: P@1 {row['P@1']:.2f} P@5 {row['P@5']:.2f} ({row['seconds']} s)", flush=True)
 
-    for loss in names(args.losses, LOSSES):
+    for loss in loss_names:
         from dexml.config import parse_params
         from dexml.model import DualEncoder
         from dexml.train import train
@@ -180,7 +179,8 @@ def main(argv=None) -> dict:
         row = {"method": loss + args.tag, **m, "train_s": t["train_time_s"], "train_wall_s": round(wall, 1),
                "examples_per_s": t["examples_per_s"], "steps": t["steps"], "best_epoch": t["best_epoch"],
                "val_curve": val_curve(root), "peak_memory_mb": t["peak_memory_mb"],
-               **({"overrides": args.set} if args.set else {})}
+               "budget": {k: params["train"][k] for k in ("epochs", "batch_size", "lr", "sample_positives")}
+               | {"max_len": args.max_len, "negatives": args.negatives, "overrides": args.set}}
         rows.append(row)
         results.add(row)
         print(f"{row['method']}: P@1 {row['P@1']:.2f} P@5 {row['P@5']:.2f} train {row['train_s']} s "

@@ -198,9 +198,13 @@ class Memory:
         self.device = device
 
     def start(self):
+        import gc
+
         import torch
 
         if self.device.startswith("cuda"):
+            gc.collect()  # an earlier mode's tensors (--inline) must not count
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
         else:

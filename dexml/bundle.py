@@ -3,7 +3,8 @@
     artifacts/bundle/
         encoder/        ONNX encoder(s), tokenizer, encoder.json, export_report.json  (export)
         index/          labels.faiss, labels.jsonl, index.json                        (index)
-        manifest.json   dataset, params, git revision, metrics, throughput, sha256 of
+        manifest.json   dataset, params, git revision, metrics, throughput, the chosen
+                        retrieval-augmentation settings (`rae`, or null), sha256 of
                         every file under encoder/ and index/                          (evaluate)
 
 A bundle is accepted only if every file the manifest lists is present with its checksum and
@@ -58,8 +59,9 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metrics: dict,
-                   throughput: dict, git_rev: str | None) -> dict:
-    """Checksum encoder/ and index/ and write manifest.json atomically; returns the manifest."""
+                   throughput: dict, git_rev: str | None, rae: dict | None = None) -> dict:
+    """Checksum encoder/ and index/ and write manifest.json atomically; returns the manifest.
+    rae: the settings Predictor serves with ({"lambda", "temperature", "k"}), or None."""
     root = Path(bundle_dir)
     for d in CHECKED_DIRS:
         if not (root / d).is_dir():
@@ -71,6 +73,7 @@ def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metric
         "params": params,
         "metrics": metrics,
         "throughput": throughput,
+        "rae": rae,
         "files": checksums(root),
     }
     atomic.write_json(root / MANIFEST_FILE, manifest)

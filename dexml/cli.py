@@ -50,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     # Build only the chosen subcommand's module (lazy imports keep `predict` torch-free).
     name = next((a for a in argv if not a.startswith("-")), None)
     if name not in COMMANDS:
-        parser = argparse.ArgumentParser(prog="dexml")
-        parser.add_argument("command", choices=list(COMMANDS))
-        parser.parse_args(argv[:1] or [])
-        return 2
+        width = max(map(len, COMMANDS))
+        lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
+        print("usage: dexml COMMAND [--params params.yaml] [-S key=value ...] [options]\n\n"
+              "commands:\n" + "\n".join(lines) + "\n\n`dexml COMMAND --help` for a command's options.",
+              file=sys.stdout if name is None else sys.stderr)
+        if name is not None:
+            print(f"dexml: error: unknown command {name!r}", file=sys.stderr)
+        return 0 if name is None and argv and argv[0] in ("-h", "--help") else 2
     module_name, help_ = COMMANDS[name]
     parser = argparse.ArgumentParser(prog=f"dexml {name}", description=help_)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

@@ -62,6 +62,10 @@ class ModelParams:
     tau: float = 0.05
     query_max_len: int = 32
     label_max_len: int = 32
+    # One learned score offset per label (a popularity prior), folded into the label vectors
+    # at the index stage; labels without a training positive keep 0 (dexml/priors.py).
+    label_bias: bool = False
+    label_bias_lr_scale: float = 100.0  # the bias learns this many times faster than train.lr
 
 
 @dataclass
@@ -132,6 +136,17 @@ class EvaluateParams:
 
 
 @dataclass
+class RaeParams:
+    """Retrieval-augmented prediction (dexml/rae.py): label scores mixed with the labels of the
+    nearest training queries, kept in a second faiss index in the bundle."""
+    enabled: bool = False  # index: build the training-query memory; evaluate: tune and ship it
+    k: int = 100  # labels and training queries retrieved per query
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    temperatures: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.05, 0.1])
+    metric: str = "P@5"  # what the validation grid search maximises
+
+
+@dataclass
 class FlowParams:
     gate_metric: str = "P@5"
     min_delta: float = 0.0
@@ -153,6 +168,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     index: IndexParams = field(default_factory=IndexParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    rae: RaeParams = field(default_factory=RaeParams)
     flow: FlowParams = field(default_factory=FlowParams)
 
     def to_dict(self) -> dict:
@@ -195,6 +211,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"params key `{key}`: expected a string, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"params key `{key}`: expected a non-empty list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"params key `{key}`: expected a mapping, got {value!r}")
@@ -268,6 +289,14 @@ def _check(p: Params) -> None:
     need(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer", p.evaluate.batch_size)
     for key in ("auto_flat_max", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
         need(getattr(p.index, key) > 0, f"index.{key}", "a positive integer", getattr(p.index, key))
+    need(m.label_bias_lr_scale > 0, "model.label_bias_lr_scale", "a positive number", m.label_bias_lr_scale)
+    r = p.rae
+    need(r.k > 0, "rae.k", "a positive integer", r.k)
+    need(all(0 <= v <= 1 for v in r.lambdas), "rae.lambdas", "weights in [0, 1]", r.lambdas)
+    need(all(v > 0 for v in r.temperatures), "rae.temperatures", "positive numbers", r.temperatures)
+    from dexml.metrics import EVAL_KEYS  # numpy only
+
+    need(r.metric in EVAL_KEYS, "rae.metric", f"one of {list(EVAL_KEYS)}", r.metric)
     for key in ("ivf_nlist", "pq_m"):
         need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))
 

@@ -11,6 +11,13 @@ dexml.metrics computes the XMC metrics (percent). Outputs (paths relative to the
 If the bundle has an int8 query encoder, the test set is scored with it as well (against the
 same fp32 label index, as it would be served) and its metrics and differences to fp32 go
 under "int8".
+
+With rae.enabled (dexml/rae.py), lambda and the temperature are chosen on the training
+queries the train stage held out (leave-one-out against the memory), never on test; if the
+best lambda is above 0 the bundle ships retrieval-augmented: the 15 metric keys, predictions,
+plots and int8 numbers are then those of the augmented ranking, eval.json's "rae" holds the
+choice, its validation numbers and the dual encoder's own test metrics ("without_rae"), and
+the manifest's "rae" tells Predictor to use it.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from dexml import atomic, metrics, paths
+from dexml import atomic, metrics, paths, rae
 from dexml.bundle import git_revision, write_manifest
 from dexml.config import Params
 from dexml.data import XMCDataset, read_dataset
@@ -41,8 +48,10 @@ def score_matrix(scores: np.ndarray, ids: np.ndarray, num_labels: int) -> sp.csr
                          shape=(ids.shape[0], num_labels))
 
 
-def score_test_set(predictor: Predictor, ds: XMCDataset, params: Params) -> tuple[sp.csr_matrix, dict]:
-    """Filtered top-K score matrix for ds.tst, and encode/search throughput."""
+def score_test_set(predictor: Predictor, ds: XMCDataset,
+                   params: Params) -> tuple[sp.csr_matrix, dict, sp.csr_matrix]:
+    """Filtered top-K score matrices for ds.tst: as `predictor` ranks (with its `rae` settings,
+    if any) and by the dual encoder alone (the same matrix without rae); encode/search throughput."""
     texts = ds.tst.texts(params.data.query_text)
     predictor.embed(texts[:1], "query")  # warm-up: the first run allocates, not representative
     start = time.perf_counter()
@@ -51,30 +60,69 @@ def score_test_set(predictor: Predictor, ds: XMCDataset, params: Params) -> tupl
     start = time.perf_counter()
     scores, ids = predictor.search(emb, params.evaluate.k)
     search_s = time.perf_counter() - start
-    matrix = metrics.filter_predictions(score_matrix(scores, ids, ds.num_labels), ds.filter_tst)
     n = len(texts)
     throughput = {"num_queries": n, "encode_seconds": round(encode_s, 4), "search_seconds": round(search_s, 4),
                   "encode_qps": round(n / max(encode_s, 1e-9), 1), "search_qps": round(n / max(search_s, 1e-9), 1)}
-    return matrix, throughput
+    de_matrix = metrics.filter_predictions(score_matrix(scores, ids, ds.num_labels), ds.filter_tst)
+    if predictor.rae is None:
+        return de_matrix, throughput, de_matrix
+    start = time.perf_counter()
+    scores, ids = predictor.rank(emb, params.evaluate.k)  # label search again + memory search + mix
+    rae_s = time.perf_counter() - start
+    throughput.update({"rae_seconds": round(rae_s, 4), "rae_qps": round(n / max(rae_s, 1e-9), 1)})
+    return metrics.filter_predictions(score_matrix(scores, ids, ds.num_labels), ds.filter_tst), throughput, de_matrix
+
+
+def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.ndarray) -> dict:
+    """Choose lambda and T on the training queries the train stage held out (never the test
+    split); each is removed from its own neighbours (it is in the memory)."""
+    p = params.rae
+    rows = rae.validation_rows(len(ds.trn), params.train.seed, params.train.val_fraction, params.train.val_max_points)
+    texts = ds.trn.texts(params.data.query_text)
+    emb = predictor.embed([texts[i] for i in rows], "query", batch_size=params.evaluate.batch_size)
+    label_scores, label_ids = predictor.search(emb, p.k)
+    nb_scores, nb_ids = rae.exclude_self(*predictor.search_memory(emb, p.k + 1), rows)
+    best, grid = rae.tune(label_scores, label_ids, nb_scores, nb_ids, predictor.memory[1], ds.trn.labels[rows],
+                          inv_prop, p.lambdas, p.temperatures, p.metric, rae.rows_filter(ds.filter_trn, rows))
+    pick = ("P@1", "P@5", "PSP@5", p.metric)
+    de_only = next((r for r in grid if r["lambda"] == 0), None)
+    return {"lambda": best["lambda"], "temperature": best["temperature"], "k": p.k,
+            "validation": {"points": len(rows), "metric": p.metric,
+                           "best": {k: round(best[k], 4) for k in pick},
+                           "without_rae": {k: round(de_only[k], 4) for k in pick} if de_only else None}}
 
 
 def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path):
     """-> (eval dict, score matrix, P@k, R@k, buckets, dataset) without writing anything."""
     ds = read_dataset(data_dir)
     gpu = params.index.use_gpu == "auto"
-    predictor = Predictor(bundle_dir, verify=False, gpu=gpu)
+    predictor = Predictor(bundle_dir, verify=False, gpu=gpu, rae=False)
     if predictor.index.ntotal != ds.num_labels:
         raise BundleError(f"{Path(bundle_dir) / 'index'}: the index holds {predictor.index.ntotal} labels, the "
                           f"dataset {data_dir} has {ds.num_labels} (rerun the index stage)")
     inv_prop = metrics.inverse_propensity(ds.trn.labels, *ds.propensity)
-    matrix, throughput = score_test_set(predictor, ds, params)
+    choice = None
+    if params.rae.enabled:
+        if predictor.memory[1].shape[0] != len(ds.trn):
+            raise BundleError(f"{Path(bundle_dir) / 'index'}: the memory holds {predictor.memory[1].shape[0]} "
+                              f"training queries, the dataset {data_dir} has {len(ds.trn)} (rerun the index stage)")
+        choice = tune_rae(predictor, ds, params, inv_prop)
+        if choice["lambda"] > 0:  # lambda 0 ranks as the dual encoder: ship without the memory
+            predictor.rae = rae.RaeSettings(choice["lambda"], choice["temperature"], choice["k"])
+    matrix, throughput, de_matrix = score_test_set(predictor, ds, params)
     result = metrics.xmc_metrics(matrix, ds.tst.labels, inv_prop)
+    if choice is not None:
+        choice["shipped"] = predictor.rae is not None
+        choice["without_rae"] = metrics.xmc_metrics(de_matrix, ds.tst.labels, inv_prop)
+        mem = predictor.index_info["memory"]
+        choice["memory_bytes"] = mem.get("bytes")
+        result["rae"] = choice
     throughput["onnx_providers"] = predictor.encoder.providers
     throughput["index_type"] = predictor.index_info["type"]
     result["throughput"] = throughput
     if predictor.encoder.meta["int8_files"]:
-        q8 = Predictor(bundle_dir, verify=False, int8=True, gpu=gpu)
-        matrix8, throughput8 = score_test_set(q8, ds, params)
+        q8 = Predictor(bundle_dir, verify=False, int8=True, gpu=gpu, rae=predictor.rae or False)
+        matrix8, throughput8, _ = score_test_set(q8, ds, params)
         m8 = metrics.xmc_metrics(matrix8, ds.tst.labels, inv_prop)
         result["int8"] = {**m8, "delta": {k: round(m8[k] - result[k], 4) for k in metrics.EVAL_KEYS},
                           "encode_qps": throughput8["encode_qps"]}
@@ -103,9 +151,15 @@ def run_evaluate(params: Params, root: str | Path = ".") -> dict:
     eval_json["throughput"] = {k: v for k, v in result["throughput"].items() if not isinstance(v, (list, str))}
     if "int8" in result:
         eval_json["int8"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["int8"].items()}
+    shipped = None
+    if "rae" in result:
+        choice = result["rae"]
+        eval_json["rae"] = {**choice, "without_rae": {k: round(v, 4) for k, v in choice["without_rae"].items()}}
+        if choice["shipped"]:
+            shipped = {k: choice[k] for k in ("lambda", "temperature", "k")}
     atomic.write_json(root / paths.EVAL_METRICS, eval_json)
     write_manifest(bundle_dir, dataset=ds.name, params=params.to_dict(), metrics=eval_json,
-                   throughput=result["throughput"], git_rev=git_revision(root))
+                   throughput=result["throughput"], git_rev=git_revision(root), rae=shipped)
     return eval_json
 
 
@@ -116,6 +170,13 @@ def main(args) -> int:
     print("  ".join(f"{k} {result[k]:.2f}" for k in metrics.EVAL_KEYS))
     t = result["throughput"]
     print(f"{t['num_queries']} test queries: encode {t['encode_qps']} q/s, search {t['search_qps']} q/s")
+    if "rae" in result:
+        r = result["rae"]
+        v = r["validation"]
+        state = "shipped" if r["shipped"] else "not shipped (lambda 0: the dual encoder alone is best)"
+        print(f"retrieval augmentation {state}: lambda {r['lambda']}, temperature {r['temperature']}, k {r['k']} "
+              f"(chosen on {v['points']} held-out training queries by {v['metric']}: {v['best'][v['metric']]:.2f})")
+        print("  without it on test: " + "  ".join(f"{k} {r['without_rae'][k]:.2f}" for k in ("P@1", "P@5", "PSP@5")))
     if "int8" in result:
         d = result["int8"]["delta"]
         print("int8 query encoder, change: " + "  ".join(f"{k} {d[k]:+.2f}" for k in ("P@1", "P@5", "nDCG@5", "R@100")))

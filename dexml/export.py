@@ -1,7 +1,7 @@
 """`export` stage: the trained encoder(s) -> ONNX in the bundle, checked against PyTorch.
 
 Writes artifacts/bundle/encoder/ (see dexml.onnx_encoder for the layout) atomically: a parity
-failure leaves the previous export in place. Exporter: TorchScript (`dynamo=False`), which
+failure leaves the previous export in place. A model's per-label bias is copied alongside. Exporter: TorchScript (`dynamo=False`), which
 exports BERT-style towers with dynamic batch and sequence axes reliably and in seconds.
 The parity check runs the ONNX graph through the same torch-free path that serves it
 (`OnnxEncoder`: `tokenizers` + onnxruntime), so it also proves the tokenizer settings match.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dexml import atomic, paths
+from dexml import atomic, paths, priors
 from dexml.config import DataParams, ExportParams, Params
 from dexml.data import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
 from dexml.errors import ConfigError, DexmlError
@@ -96,11 +96,16 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         "padding_side": tok.padding_side, "truncation_side": tok.truncation_side,
         "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
         "files": files, "int8_files": {},
+        # per-label score offsets, folded into the label vectors by the index stage
+        "label_bias": priors.BIAS_FILE if model.label_bias is not None else None,
     }
     with atomic.atomic_dir(out_dir) as tmp:
         for name, tower in towers.items():
             _export_tower(tower, example, tmp / f"{name}.onnx", params.opset)
         tok.save_pretrained(tmp)
+        if model.label_bias is not None:
+            priors.write_label_bias(tmp / priors.BIAS_FILE, model.label_bias.values().numpy(),
+                                    model.label_bias.trained.numpy() > 0)
         atomic.write_json(tmp / ENCODER_META, encoder_meta)
 
         onnx_encoder = OnnxEncoder(tmp, allow_gpu=False)  # CPU: parity of the graph, not of the GPU

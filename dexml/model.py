@@ -3,7 +3,8 @@
 Saved in Hugging Face format (safetensors + tokenizer) laid out as a sentence-transformers
 model, plus `dexml_encoder.json` with what the rest of the pipeline needs (pooling, tau, max
 lengths, whether the towers are shared). With separate towers the directory holds `query/`
-and `label/`, each a complete sentence-transformers model.
+and `label/`, each a complete sentence-transformers model. With `model.label_bias` the
+per-label score offsets are in `label_bias.safetensors` (dexml/priors.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dexml import priors
 from dexml.config import ModelParams
 from dexml.errors import ConfigError
 
@@ -64,6 +66,8 @@ class EncoderMeta:
     label_max_len: int
     shared: bool
     dim: int
+    label_bias: bool = False  # label_bias.safetensors holds one score offset per label
+    label_bias_lr_scale: float = 100.0
 
 
 class Tower(nn.Module):
@@ -137,15 +141,44 @@ class Tower(nn.Module):
         return tower
 
 
-class DualEncoder(nn.Module):
-    """Queries and labels embedded by one shared tower (default) or two; scores = q.l / tau."""
+class LabelBias(nn.Module):
+    """One learned score offset per label; labels without a training positive stay at 0.
 
-    def __init__(self, query_tower: Tower, label_tower: Tower | None, meta: EncoderMeta, tokenizer):
+    Adam moves a parameter by about lr per step: at an encoder's lr (1e-4) a bias would stay
+    within a few hundredths of 0 over a whole run. So the parameter is b / scale and the
+    forward returns scale times it with the gradient of b itself (straight-through): the bias
+    learns `scale` times faster while gradient clipping sees its true gradient, and it needs no
+    optimizer group of its own (1-D, so the training loop already exempts it from weight decay).
+    """
+
+    def __init__(self, trained: torch.Tensor, scale: float, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.scale = float(scale)
+        self.register_buffer("trained", trained.float())
+        init = torch.zeros(len(trained)) if bias is None else bias.float() / self.scale
+        self.raw = nn.Parameter(init * self.trained)
+
+    def forward(self, label_ids: torch.Tensor | None = None) -> torch.Tensor:
+        raw = self.raw * self.trained  # untrained labels: value 0 and no gradient
+        bias = raw + (self.scale - 1.0) * raw.detach()  # value scale * raw, gradient 1
+        return bias if label_ids is None else bias[label_ids]
+
+    def values(self) -> torch.Tensor:
+        return self().detach().float().cpu()
+
+
+class DualEncoder(nn.Module):
+    """Queries and labels embedded by one shared tower (default) or two; scores = q.l / tau
+    (+ b_l with a per-label bias)."""
+
+    def __init__(self, query_tower: Tower, label_tower: Tower | None, meta: EncoderMeta, tokenizer,
+                 label_bias: LabelBias | None = None):
         super().__init__()
         self.query_tower = query_tower
         self.label_tower = label_tower  # None = shared with the query tower
         self.meta = meta
         self.tokenizer = tokenizer
+        self.label_bias = label_bias
 
     @property
     def labels(self) -> Tower:
@@ -157,8 +190,16 @@ class DualEncoder(nn.Module):
     def encode_labels(self, input_ids, attention_mask):
         return self.labels(input_ids, attention_mask)
 
-    def scores(self, q: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-        return q @ l.T / self.meta.tau
+    def scores(self, q: torch.Tensor, l: torch.Tensor, label_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P) logits of queries `q` against labels `l`; `label_ids` (P,): which labels the
+        rows of `l` are (needed when the model has a per-label bias)."""
+        s = q @ l.T / self.meta.tau
+        if self.label_bias is None:
+            return s
+        if label_ids is None:
+            raise ValueError("this model has a per-label bias (model.label_bias): pass label_ids, "
+                             "the label index of each row of l")
+        return s + self.label_bias(label_ids.to(s.device)).to(s.dtype)
 
     def tokenize(self, texts: list[str], max_len: int) -> dict:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
@@ -179,7 +220,9 @@ class DualEncoder(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, tower.dim)
 
     @classmethod
-    def from_params(cls, p: ModelParams) -> "DualEncoder":
+    def from_params(cls, p: ModelParams, train_labels=None) -> "DualEncoder":
+        """A fresh model; `train_labels` (the training split's CSR label matrix) sizes the
+        per-label bias when p.label_bias is set."""
         from transformers import AutoModel
 
         source = resolve_encoder(p.encoder)
@@ -190,8 +233,15 @@ class DualEncoder(nn.Module):
         except OSError as e:
             raise ConfigError(f"params key `model.encoder`: cannot load {p.encoder!r} ({e})") from None
         meta = EncoderMeta(p.pooling, p.normalize, p.projection, p.tau, p.query_max_len, p.label_max_len,
-                           p.shared, query.dim)
-        return cls(query, label, meta, tokenizer)
+                           p.shared, query.dim, p.label_bias, p.label_bias_lr_scale)
+        bias = None
+        if p.label_bias:
+            if train_labels is None:
+                raise ConfigError("params key `model.label_bias`: the model needs the training label matrix "
+                                  "to size the per-label bias")
+            trained = torch.from_numpy(priors.label_frequencies(train_labels) > 0)
+            bias = LabelBias(trained, p.label_bias_lr_scale)
+        return cls(query, label, meta, tokenizer, bias)
 
     def save(self, out: str | Path) -> None:
         """Write into `out` (an existing or new directory; callers make it atomic)."""
@@ -202,6 +252,9 @@ class DualEncoder(nn.Module):
         else:
             self.query_tower.save(out / "query", self.tokenizer, self.meta.query_max_len)
             self.label_tower.save(out / "label", self.tokenizer, self.meta.label_max_len)
+        if self.label_bias is not None:
+            priors.write_label_bias(out / priors.BIAS_FILE, self.label_bias.values().numpy(),
+                                    self.label_bias.trained.cpu().numpy() > 0)
         (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
 
     @classmethod
@@ -219,7 +272,11 @@ class DualEncoder(nn.Module):
             query = Tower.load(path / "query", meta.pooling, meta.projection, meta.normalize)
             label = Tower.load(path / "label", meta.pooling, meta.projection, meta.normalize)
             tok_dir = path / "query"
-        return cls(query, label, meta, AutoTokenizer.from_pretrained(tok_dir))
+        bias = None
+        if meta.label_bias:
+            values, trained = priors.read_label_bias(path / priors.BIAS_FILE)
+            bias = LabelBias(torch.from_numpy(trained), meta.label_bias_lr_scale, torch.from_numpy(values))
+        return cls(query, label, meta, AutoTokenizer.from_pretrained(tok_dir), bias)
 
 
 def make_tiny_encoder(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:

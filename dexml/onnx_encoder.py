@@ -4,6 +4,8 @@ The `export` stage writes an encoder directory; this module is the only reader o
     encoder.json     pooling, normalize, dim, tau, max lengths, pad token, which file per side
     tokenizer.json   the Hugging Face fast tokenizer (its saved padding/truncation are ignored)
     model.onnx | query.onnx + label.onnx, optional *_int8.onnx
+    label_bias.safetensors  optional: per-label score offsets (dexml.priors; `label_bias` in
+                     encoder.json names it), folded into the label index by the index stage
 Each graph takes int64 `input_ids` and `attention_mask` (batch, seq) and returns
 `sentence_embedding` (batch, dim), pooling and L2 normalisation included.
 """

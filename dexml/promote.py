@@ -76,11 +76,11 @@ def decide(candidate: dict, production: dict | None, gate_metric: str, min_delta
                    f"({gain:+.2f}; needs > 0 and >= {min_delta:g})")
     guards_ok = True
     for name, tol in guarded.items():
-        drop = round(prod[name] - cand[name], 6)
-        ok = drop <= tol
+        change = round(cand[name] - prod[name], 6)
+        ok = -change <= tol
         guards_ok &= ok
         reasons.append(f"guard {name} {'ok' if ok else 'violated'}: {prod[name]:.2f} -> {cand[name]:.2f} "
-                       f"({-drop:+.2f}; may drop at most {tol:g})")
+                       f"({change:+.2f}; may drop at most {tol:g})")
     return Decision(gate_ok and guards_ok, reasons)
 
 
@@ -159,8 +159,8 @@ def gate_and_promote(bundle_dir: str | Path, production_dir: str | Path, flow: F
     with exclusive_lock(Path(production_dir) / LOCK_FILE, f"production {production_dir}"):
         current = release_of(production_dir)
         production = None if current is None else read_manifest(current)
-        decision = decide(candidate.get("metrics") or {}, None if production is None else production.get("metrics") or {},
-                          flow.gate_metric, flow.min_delta, flow.guarded)
+        prod_metrics = None if production is None else production.get("metrics") or {}
+        decision = decide(candidate.get("metrics") or {}, prod_metrics, flow.gate_metric, flow.min_delta, flow.guarded)
         if force and not decision.promote:
             decision = Decision(True, ["forced (--force): the gate said no", *decision.reasons])
         release = _install_release(bundle_dir, production_dir, data_stats) if decision.promote else None
@@ -177,6 +177,7 @@ def _install_release(bundle_dir: str | Path, production_dir: str | Path, data_st
         raise BundleError(f"release {release} already exists (the same bundle was promoted this second)")
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=releases))
     try:
+        staging.chmod(0o755)  # mkdtemp makes it private; a server may run as another user
         for part in ("encoder", "index"):
             shutil.copytree(bundle / part, staging / part)
         shutil.copy2(bundle / MANIFEST_FILE, staging / MANIFEST_FILE)
@@ -231,7 +232,8 @@ def add_promote_arguments(parser) -> None:
     parser.add_argument("--production", default=paths.PRODUCTION_DIR,
                         help=f"production directory (default {paths.PRODUCTION_DIR})")
     parser.add_argument("--data-stats", default=paths.DATA_METRICS,
-                        help=f"the candidate's dataset statistics, kept with the release (default {paths.DATA_METRICS})")
+                        help=f"the candidate's dataset statistics, kept with the release "
+                             f"(default {paths.DATA_METRICS})")
     parser.add_argument("--force", action="store_true", help="promote even if the gate says no")
 
 

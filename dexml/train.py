@@ -94,7 +94,7 @@ def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedText
     after = RngState(device)
     label_emb = (torch.cat(embs) if embs else torch.zeros(0, dim, device=device)).requires_grad_()
     q = distributed.gather_rows(q.float(), group)
-    scores = model.scores(q, label_emb)
+    scores = model.scores(q, label_emb, label_ids=torch.from_numpy(pool.labels))
     loss = loss_fn(scores, torch.from_numpy(pool.targets).to(device), torch.from_numpy(pool.mask).to(device),
                    group=group)
     loss.backward()
@@ -131,7 +131,8 @@ def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix,
     model.train()
     vals, inds = [], []
     for start in range(0, len(queries), 1024):
-        top = torch.topk(queries[start:start + 1024] @ labels.T, min(k, labels.shape[0]), dim=1)
+        logits = model.scores(queries[start:start + 1024], labels, label_ids=torch.arange(len(labels)))
+        top = torch.topk(logits, min(k, labels.shape[0]), dim=1)
         vals.append(top.values.cpu())
         inds.append(top.indices.cpu())
     vals, inds = torch.cat(vals).numpy(), torch.cat(inds).numpy()
@@ -227,7 +228,7 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     val_rows, train_rows = np.sort(perm[:n_val]), perm[n_val:]
     train_rows = np.sort(train_rows[np.diff(y.indptr)[train_rows] > 0])  # rows with a positive
 
-    model = DualEncoder.from_params(p.model).to(device)
+    model = DualEncoder.from_params(p.model, train_labels=y).to(device)
     model.train()
     ctx.broadcast_parameters(model)
     cache = root / paths.TOKEN_CACHE_DIR

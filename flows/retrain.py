@@ -95,6 +95,10 @@ def sync_workspace(repo: Path, workspace: Path, overrides: dict[str, Any]) -> st
         set_dotted(raw, key, value)
     atomic.write_text(workspace / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
     load_params(workspace / "params.yaml")  # a bad override fails here, before any stage
+    stages = list((yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    if stages != list(STAGES):
+        raise DexmlError(f"{workspace / 'dvc.yaml'} has the stages {stages}, but the flow runs {list(STAGES)}; "
+                         "update STAGES in flows/retrain.py")
     return revision
 
 
@@ -114,8 +118,9 @@ def run_stage(workspace: str, stage: str) -> dict:
     whether the stage ran or was skipped as up to date (from `dvc status` beforehand)."""
     logger = get_run_logger()
     env, start = _stage_env(Path(workspace)), time.monotonic()
+    # A subprocess, like repro: DVC's Python API expects the process's cwd inside the repo.
     status = subprocess.run([*DVC, "status", "--json", stage], cwd=workspace, env=env, capture_output=True, text=True)
-    if status.returncode == 0 and json.loads(status.stdout or "{}") == {}:
+    if status.returncode == 0 and status.stdout.strip() == "{}":
         logger.info(f"stage {stage}: up to date, skipped")
         return {"stage": stage, "status": "skipped (up to date)", "seconds": round(time.monotonic() - start, 1)}
     tail: deque[str] = deque(maxlen=30)
@@ -169,7 +174,7 @@ def retrain(overrides: dict[str, Any] | None = None, repo: str | None = None, wo
     ws = Path(workspace).resolve() if workspace else repo_dir / WORKSPACE
     summary: dict[str, Any] = {"repo": str(repo_dir), "workspace": str(ws), "overrides": overrides or {},
                                "revision": None, "stages": [], "failed": None, "error": None}
-    step = "lock"
+    step = "lock"  # the step under way, named in the report when it fails
     try:
         with exclusive_lock(ws.parent / f"{ws.name}.lock", f"retrain workspace {ws}"):
             step = "prepare-workspace"
@@ -209,14 +214,14 @@ def render_report(summary: dict) -> str:
         out += [f"| {summary['failed']} | **failed** | |", "", "## Error", "", "```", summary["error"], "```", "",
                 "Production is unchanged."]
         return "\n".join(out) + "\n"
-    decision = "**promoted** as release `%s`" % summary["release"] if summary["promoted"] else \
-        "**not promoted**; production stays at `%s`" % summary["production_release"]
+    decision = (f"**promoted** as release `{summary['release']}`" if summary["promoted"] else
+                f"**not promoted**; production stays at `{summary['production_release']}`")
     out += ["", "## Decision", "", decision, ""] + [f"- {r}" for r in summary["reasons"]]
     datasets = summary["datasets"]
     if datasets["production"] is not None and datasets["candidate"] != datasets["production"]:
         out.append(f"- note: different datasets ({datasets['production']} -> {datasets['candidate']}); "
                    "the metrics are not directly comparable")
-    roles = {summary["gate_metric"]: "gate", **{m: "guarded" for m in summary["guarded"] if m != summary["gate_metric"]}}
+    roles = {**{m: "guarded" for m in summary["guarded"]}, summary["gate_metric"]: "gate"}
     out += ["", "## Metrics (test set, percent)", ""]
     out += _table(summary["metrics"]["candidate"], summary["metrics"]["production"], "metric", roles)
     out += ["", "## Data statistics (validate stage)", ""]
@@ -280,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         serve(deployment())
         return 0
-    summary = retrain(overrides=parse_overrides(args.set))
+    try:
+        summary = retrain(overrides=parse_overrides(args.set))
+    except DexmlError as e:
+        print(f"retrain: error: {e}", file=sys.stderr)
+        return 1
     print(f"retrain: {outcome(summary)}")
     return 0
 
