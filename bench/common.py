@@ -44,7 +44,8 @@ def machine_info(device: str = "cpu") -> dict:
 
     info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     for name in ("transformers", "onnxruntime", "faiss", "sentence_transformers"):

@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
             from dexml.model import DualEncoder
 
             model = DualEncoder.from_params(parse_params(copy.deepcopy(raw)).model, train_labels=ds.trn.labels)
-            row = {"method": f"zero-shot ({Path(args.encoder).name})", **score_model(model, ds, texts, device)}
+            row = {"method": "zero-shot encoder", **score_model(model, ds, texts, device)}
             del model
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)

@@ -38,7 +38,8 @@ def machine_line(doc: dict, path: str) -> str:
     m = doc["machine"]
     where = f"GPU {m['gpu']}, " if m.get("gpu") else ""
     load = f"load average {m.get('load_avg_1m_at_start')} at start, {m.get('load_avg_1m_at_end', '?')} at end"
-    return (f"*{where}CPU {m['cpu']} ({m['cpu_cores']} cores); torch {m['torch']}; {load}; "
+    return (f"*{where}CPU {m['cpu']} ({m['cpu_cores']} cores, torch threads {m.get('torch_threads')}); "
+            f"torch {m['torch']}; {load}; "
             f"{doc.get('started', '')}; `{path}`*")
 
 
@@ -59,7 +60,7 @@ def losses_block(res: dict) -> str:
                 continue
             rows = (extra["rows"] if extra else []) + (main["rows"] if main else [])
             for r in rows:
-                r["train s"] = r.get("train_s", r.get("seconds"))
+                r["time s"] = r.get("train_s", r.get("seconds"))  # training (losses) or whole run (baselines)
                 b = r.get("budget")
                 r["budget"] = (f"{b['epochs']} ep, batch {b['batch_size']}, lr {b['lr']:g}, {b['negatives']}, "
                                f"len {b['max_len']}" + (f", {' '.join(b['overrides'])}" if b.get("overrides") else "")
@@ -68,7 +69,7 @@ def losses_block(res: dict) -> str:
             head = main or extra
             parts.append(machine_line(head, f"bench/results/{device}/{stem}.json"))
             parts.append(fmt_rows(rows, ["method", "P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5", "R@10",
-                                         "train s", "best epoch", "budget"], {"train s": ".1f"}))
+                                         "time s", "best epoch", "budget"], {"time s": ".1f"}))
     return "\n\n".join(parts)
 
 
@@ -76,23 +77,29 @@ def simple_block(res: dict, stem: str, columns: list[str], fmt: dict | None = No
                  devices=DEVICES, split=None) -> str:
     parts = []
     for device in devices:
-        doc = res[device].get(stem)
-        if not doc:
+        # stem.json, plus variants such as stem_2threads.json (each with its own machine line)
+        found = {k: d for k, d in res[device].items() if k == stem or k.startswith(stem + "_")}
+        if not found:
             parts.append(f"{device.upper()}: " + PENDING[device])
-            continue
-        parts.append(machine_line(doc, f"bench/results/{device}/{stem}.json"))
-        rows = [prepare(dict(r)) if prepare else r for r in doc["rows"]]
-        if not any("error" in r for r in rows):
-            columns = [c for c in columns if c != "error"]
-        if split:
-            for key, cols in split:
-                sub = [r for r in rows if r.get("part") == key]
-                if sub:
-                    parts.append(fmt_rows(sub, cols, fmt))
-            if "predictor" in doc.get("settings", {}):
-                parts.append(f"Predictor: {doc['settings']['predictor']}.")
-        else:
-            parts.append(fmt_rows(rows, columns, fmt))
+        for name, doc in found.items():
+            parts.append(_simple_doc(doc, f"bench/results/{device}/{name}.json", columns, fmt, prepare, split))
+    return "\n\n".join(parts)
+
+
+def _simple_doc(doc: dict, path: str, columns, fmt, prepare, split) -> str:
+    parts = [machine_line(doc, path)]
+    rows = [prepare(dict(r)) if prepare else r for r in doc["rows"]]
+    if not any("error" in r for r in rows):
+        columns = [c for c in columns if c != "error"]
+    if split:
+        for key, cols in split:
+            sub = [r for r in rows if r.get("part") == key]
+            if sub:
+                parts.append(fmt_rows(sub, cols, fmt))
+        if "predictor" in doc.get("settings", {}):
+            parts.append(f"Predictor: {doc['settings']['predictor']}.")
+    else:
+        parts.append(fmt_rows(rows, columns, fmt))
     return "\n\n".join(parts)
 
 

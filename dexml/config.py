@@ -142,7 +142,7 @@ class RaeParams:
     enabled: bool = False  # index: build the training-query memory; evaluate: tune and ship it
     k: int = 100  # labels and training queries retrieved per query
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    temperatures: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.05, 0.1])
+    temperatures: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.03, 0.05, 0.1, 0.2])
     metric: str = "P@5"  # what the validation grid search maximises
 
 

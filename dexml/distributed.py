@@ -20,8 +20,11 @@ Nothing else in dexml knows about ranks.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,6 +34,10 @@ import torch
 from dexml.config import TrainParams
 from dexml.errors import ConfigError
 from dexml.negatives import LabelPool
+
+# torch >= 2.10 marks the differentiable collectives of torch.distributed.nn.functional (used here and
+# in dexml.losses) deprecated in favour of the private _functional_collectives; they still work.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
 
 # Rank 0 alone validates, refreshes the hard-negative shortlist and writes checkpoints while the
 # others wait in a barrier: on large label sets that takes far longer than torch's default timeout.
@@ -68,7 +75,18 @@ def launch(t: TrainParams, params_path: str, overrides: list[str]) -> int:
     cmd = torchrun_command(t, params_path, overrides)
     print(f"train: launching {t.nproc} process(es) on node {t.node_rank} of {t.nnodes} with torchrun",
           file=sys.stderr)
-    return subprocess.run(cmd, check=False).returncode
+    proc = subprocess.Popen(cmd)
+    # Stopping this process (Ctrl-C, a scheduler's SIGTERM) must stop torchrun, which stops its
+    # workers (they run in sessions of their own): pass the signal on and wait for it to finish.
+    forward = {}
+    if threading.current_thread() is threading.main_thread():
+        forward = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                   for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, previous in forward.items():
+            signal.signal(s, previous)
 
 
 # ---------------------------------------------------------------- the process group

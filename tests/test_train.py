@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _workdir(tmp_path, dataset_dir) -> Path:
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(parents=True)
     shutil.copytree(dataset_dir, tmp_path / "data" / "dataset")
     return tmp_path
 
