@@ -227,6 +227,18 @@ def run_worker(script: str, args: list[str], timeout: float | None = None) -> di
     return json.loads(lines[-1])
 
 
+def guarded(fn, *args) -> dict:
+    """fn(*args), or {"error": ...} if it raises: in-process runs, where one failing
+    configuration must not cost the others their rows."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def emit(obj: dict) -> None:
     """A worker's result: one JSON line on stdout."""
     print(json.dumps(obj), flush=True)

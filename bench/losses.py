@@ -172,10 +172,17 @@ def main(argv=None) -> dict:
         root = workdir / "train"
         shutil.rmtree(root / "models", ignore_errors=True)
         start = time.perf_counter()
-        t = train(parse_params(params), root)
+        try:
+            t = train(parse_params(params), root)
+            model = DualEncoder.load(root / "models" / "encoder")
+            m = score_model(model, ds, texts, device)
+        except Exception as e:  # one failing loss must not cost the others their rows
+            row = {"method": loss + args.tag, "error": f"{type(e).__name__}: {e}"}
+            rows.append(row)
+            results.add(row)
+            print(f"{row['method']}: failed: {row['error']}", file=sys.stderr, flush=True)
+            continue
         wall = time.perf_counter() - start
-        model = DualEncoder.load(root / "models" / "encoder")
-        m = score_model(model, ds, texts, device)
         row = {"method": loss + args.tag, **m, "train_s": t["train_time_s"], "train_wall_s": round(wall, 1),
                "examples_per_s": t["examples_per_s"], "steps": t["steps"], "best_epoch": t["best_epoch"],
                "val_curve": val_curve(root), "peak_memory_mb": t["peak_memory_mb"],

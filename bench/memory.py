@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     results = common.Results(out, "memory", device, settings)
     for n in sizes:
         if args.inline:
-            row = run_one(n, args, enc)
+            row = common.guarded(run_one, n, args, enc)
         else:
             wargs = ["--worker", str(n), "--encoder", enc, "--device", device]
             for key in ("batch_size", "query_len", "label_len", "label_chunk", "positives", "steps", "seed"):

@@ -49,9 +49,11 @@ def fmt_rows(rows: list[dict], columns: list[str], fmt: dict | None = None) -> s
 
 def losses_block(res: dict) -> str:
     parts = []
-    for title, stem in (("LF-DebianTags", "losses"), ("Synthetic default (params.yaml)", "losses_synthetic")):
+    groups = (("LF-DebianTags", "losses", DEVICES), ("Synthetic default (params.yaml)", "losses_synthetic", DEVICES),
+              ("Short CPU trials on LF-DebianTags (learning rate)", "losses_trials", ("cpu",)))
+    for title, stem, devices in groups:
         parts.append(f"#### {title}")
-        for device in DEVICES:
+        for device in devices:
             docs = res[device]
             main = docs.get(stem)
             extra = docs.get(stem + "_tfidf")
@@ -68,8 +70,9 @@ def losses_block(res: dict) -> str:
                 r["best epoch"] = r.get("best_epoch")
             head = main or extra
             parts.append(machine_line(head, f"bench/results/{device}/{stem}.json"))
-            parts.append(fmt_rows(rows, ["method", "P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5", "R@10",
-                                         "time s", "best epoch", "budget"], {"time s": ".1f"}))
+            columns = ["method", "P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5", "R@10", "time s", "best epoch",
+                       "budget"] + (["error"] if any("error" in r for r in rows) else [])
+            parts.append(fmt_rows(rows, columns, {"time s": ".1f"}))
     return "\n\n".join(parts)
 
 

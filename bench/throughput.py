@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else common.default_out("throughput", device)
     results = common.Results(out, "throughput", device, settings)
     for mode in modes:
-        row = run_mode(mode, args) if args.inline else \
+        row = common.guarded(run_mode, mode, args) if args.inline else \
             common.run_worker("throughput.py", worker_args(args, mode), args.timeout)
         row.setdefault("mode", mode)
         results.add(row)

@@ -276,3 +276,35 @@ def test_enabled_without_a_memory_is_a_clear_error(rae_root, tmp_path):
     with pytest.raises(BundleError, match="queries.faiss: file not found"):
         run_evaluate(params, copy)
     assert not (copy / paths.EVAL_METRICS).exists()
+
+
+# ---------------------------------------------------------------- bench/head_tail.py at toy size
+@pytest.mark.slow
+def test_head_tail_bench_scores_every_variant_and_tunes_on_validation(tiny_encoder, tiny_dataset_dir, tmp_path):
+    from bench import head_tail
+
+    doc = head_tail.main(["--data", str(tiny_dataset_dir), "--encoder", str(tiny_encoder), "--device", "cpu",
+                          "--variants", "de,bias", "--epochs", "1", "--max-steps", "2", "--batch-size", "64",
+                          "--rae-k", "10", "--lambdas", "0,0.5,1", "--temperatures", "0.05,0.1",
+                          "--out", str(tmp_path / "ht.json"), "--workdir", str(tmp_path / "work")])
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {"de: DE", "de: +RAE", "bias: DE", "bias: DE, bias dropped at test", "bias: +RAE",
+                         "TF-IDF 50-NN"}
+    assert json.loads((tmp_path / "ht.json").read_text())["rows"] == doc["rows"]
+    for name in ("de: +RAE", "bias: +RAE"):
+        r = rows[name]
+        assert r["lambda"] in (0, 0.5, 1) and r["T"] in (0.05, 0.1) and len(r["val_grid"]) == 5
+        assert r["val_best"]["P@5"] >= r["val_without_rae"]["P@5"]  # lambda 0 is in the grid
+    assert rows["bias: DE"]["bias"]["max"] > 0 > rows["bias: DE"]["bias"]["min"]
+    assert doc["settings"]["validation_points"] == 40
+
+
+def test_head_tail_latency_mode_times_both_paths(rae_root, tiny_dataset_dir, tmp_path):
+    from bench import head_tail
+
+    root, _ = rae_root
+    doc = head_tail.main(["--latency-bundle", str(root / paths.BUNDLE_DIR), "--data", str(tiny_dataset_dir),
+                          "--latency-queries", "5", "--out", str(tmp_path / "lat.json")])
+    (row,) = doc["rows"]
+    assert row["queries"] == 5 and row["with_rae"]["p50_ms"] > 0 and row["without_rae"]["p50_ms"] > 0
+    assert row["memory"]["num_queries"] == 400 and row["rae"]["k"] == 8
