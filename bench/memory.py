@@ -105,12 +105,13 @@ def run_one(num_labels: int, args, enc: str) -> dict:
 
     # Warm-up on an in-batch pool: optimizer state, kernels and allocator pools exist before
     # the baseline is read, so the peak above it is what scales with the label count.
-    step(np.arange(B), "in-batch")
     if device.startswith("cuda"):
         import gc
 
         gc.collect()  # an earlier size's tensors (--inline) must not count
         torch.cuda.empty_cache()
+    step(np.arange(B), "in-batch")
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / 2**20
     else:

@@ -57,14 +57,17 @@ def losses_block(res: dict) -> str:
             docs = res[device]
             main = docs.get(stem)
             extra = docs.get(stem + "_tfidf")
+            sweep = docs.get(stem + "_sweep")
             if not main and not extra:
                 parts.append(f"{device.upper()}: " + PENDING[device])
                 continue
-            rows = (extra["rows"] if extra else []) + (main["rows"] if main else [])
+            rows = [r for d in (extra, main, sweep) if d for r in d["rows"]]
+            rows = sorted(rows, key=lambda r: "budget" in r or "error" in r)  # baselines first (stable)
             for r in rows:
                 r["time s"] = r.get("train_s", r.get("seconds"))  # training (losses) or whole run (baselines)
                 b = r.get("budget")
-                r["budget"] = (f"{b['epochs']} ep, batch {b['batch_size']}, lr {b['lr']:g}, {b['negatives']}, "
+                r["budget"] = (f"{b['epochs']} ep ({r.get('steps')} steps), batch {b['batch_size']}, lr {b['lr']:g}, "
+                               f"{b['negatives']}, "
                                f"len {b['max_len']}" + (f", {' '.join(b['overrides'])}" if b.get("overrides") else "")
                                if b else None)
                 r["best epoch"] = r.get("best_epoch")

@@ -178,6 +178,7 @@ def run_st(args, ds, text: str, device: str, mem) -> dict:
 
 
 def timed(step, args, device: str, mem) -> dict:
+    mem.clear()
     for i in range(args.warmup):
         step(i)
     common.sync(device)
@@ -197,14 +198,21 @@ class Memory:
     def __init__(self, device: str):
         self.device = device
 
-    def start(self):
+    def clear(self):
+        """Before the warm-up: free an earlier mode's tensors and cached blocks (--inline), so the
+        timed steps run on an allocator warmed up by this mode alone."""
         import gc
 
         import torch
 
+        gc.collect()
         if self.device.startswith("cuda"):
-            gc.collect()  # an earlier mode's tensors (--inline) must not count
             torch.cuda.empty_cache()
+
+    def start(self):
+        import torch
+
+        if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated() / 2**20
         else:

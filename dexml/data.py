@@ -100,7 +100,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: cannot read as gzipped UTF-8 JSON lines ({e})") from None
 
 
-def _read_labelset(path: Path) -> LabelSet:
+def read_labelset(path: Path) -> LabelSet:
+    """Labels (uid, title, content) from an lbl.json.gz, in label-index order."""
     uids, titles, contents = [], [], []
     for lineno, obj in iter_jsonl(path):
         if "uid" not in obj or "title" not in obj:
@@ -177,7 +178,7 @@ def read_dataset(root: str | Path) -> XMCDataset:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset directory {root} not found (run the download stage first)")
-    lbl = _read_labelset(root / LABEL_FILE)
+    lbl = read_labelset(root / LABEL_FILE)
     trn = _read_split(root / SPLIT_FILES["trn"], len(lbl))
     tst = _read_split(root / SPLIT_FILES["tst"], len(lbl))
     meta = read_meta(root)

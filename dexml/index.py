@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from dexml import atomic, paths, priors
 from dexml.config import IndexParams, Params
-from dexml.data import LABEL_FILE, LabelSet, iter_jsonl, read_dataset
+from dexml.data import LABEL_FILE, LabelSet, read_dataset, read_labelset
 from dexml.errors import BundleError, ConfigError, DataError
 
 INDEX_FILE = "labels.faiss"
@@ -124,15 +124,7 @@ def to_gpu(index):
 
 def read_labels(data_dir: str | Path) -> LabelSet:
     """lbl.json.gz of the dataset (uid, title, content), in label-index order."""
-    path = Path(data_dir) / LABEL_FILE
-    uids, titles, contents = [], [], []
-    for lineno, obj in iter_jsonl(path):
-        if "uid" not in obj or "title" not in obj:
-            raise DataError(f"{path}, line {lineno}: expected fields `uid` and `title`")
-        uids.append(str(obj["uid"]))
-        titles.append(str(obj["title"]))
-        contents.append(str(obj.get("content") or ""))
-    return LabelSet(uids, titles, contents)
+    return read_labelset(Path(data_dir) / LABEL_FILE)
 
 
 def write_index_dir(out_dir: str | Path, index, info: dict, labels: LabelSet, memory=None) -> None:
