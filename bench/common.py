@@ -154,6 +154,19 @@ def quantiles_ms(seconds: list[float]) -> dict:
             "mean_ms": float(ms.mean())}
 
 
+def scratch_dir(path: str | None, prefix: str) -> Path:
+    """`path`, or a new temporary directory removed when this process exits."""
+    if path:
+        return Path(path)
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return Path(tmp)
+
+
 # ---------------------------------------------------------------- data
 def load_dataset(spec: str, workdir: Path):
     """(dataset directory, XMCDataset) for a directory in the LF layout, or `synthetic`:

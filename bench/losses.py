@@ -21,7 +21,6 @@ import copy
 import csv
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def main(argv=None) -> dict:
     baselines, loss_names = names(args.baselines, BASELINES), names(args.losses, LOSSES)
     device = common.resolve_device(args.device)
     args.device = device
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dexml_bench_losses_"))
+    workdir = common.scratch_dir(args.workdir, "dexml_bench_losses_")
     data_dir, ds = common.load_dataset(args.data, workdir)
     text = common.text_mode(args.data, args.text)
     if args.test_max:

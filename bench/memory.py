@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,7 +50,7 @@ def encoder_path(args) -> str:
         return args.encoder
     from dexml.model import make_tiny_encoder
 
-    return str(make_tiny_encoder(Path(tempfile.mkdtemp(prefix="dexml_bench_tiny_")) / "enc",
+    return str(make_tiny_encoder(common.scratch_dir(None, "dexml_bench_tiny_") / "enc",
                                  hidden=args.tiny_hidden, layers=2, heads=2))
 
 

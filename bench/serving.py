@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -149,7 +148,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dexml_bench_serving_"))
+    workdir = common.scratch_dir(args.workdir, "dexml_bench_serving_")
     _, ds = common.load_dataset(args.data, workdir)
     text = common.text_mode(args.data, args.text)
     args.label_text = text

@@ -234,7 +234,8 @@ def run_mode(mode: str, args) -> dict:
     import tempfile
 
     device = common.resolve_device(args.device)
-    _, ds = common.load_dataset(args.data, Path(tempfile.mkdtemp(prefix="dexml_bench_tp_")))
+    with tempfile.TemporaryDirectory(prefix="dexml_bench_tp_") as tmp:  # a generated synthetic set
+        _, ds = common.load_dataset(args.data, Path(tmp))
     text = common.text_mode(args.data, args.text)
     mem = Memory(device)
     if mode == "st-cmnrl":

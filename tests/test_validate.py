@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -168,8 +169,9 @@ def test_dvc_repro_validate_in_a_temporary_clone(tmp_path):
     for name in ("stages", "dexml"):
         shutil.copytree(REPO / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = (clone / "params.yaml").read_text()
-    params = params.replace("num_labels: 120", "num_labels: 30").replace("num_train: 1500", "num_train: 200")
-    (clone / "params.yaml").write_text(params.replace("num_test: 400", "num_test: 50"))
+    for key, value in (("num_labels", 30), ("num_train", 200), ("num_test", 50)):
+        params = re.sub(rf"(?m)^(\s+{key}:) \d+", rf"\g<1> {value}", params)
+    (clone / "params.yaml").write_text(params)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
            "GX_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(clone),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
