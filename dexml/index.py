@@ -20,9 +20,14 @@ import math
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
+
+try:
+    import faiss
+except ImportError:  # the CPU and GPU builds are separate extras (pip extras cannot swap packages)
+    raise ImportError("faiss is not installed: pip install 'dexml[cpu]' (faiss-cpu, onnxruntime) "
+                      "or, on a GPU machine, 'dexml[gpu]' (faiss-gpu, onnxruntime-gpu)") from None
 
 from dexml import atomic, paths, priors
 from dexml.config import IndexParams, Params

@@ -294,7 +294,8 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
             step += 1
             seen += len(rows)
             history["loss"].append([step, round(loss, 6), f"{sched.get_last_lr()[0]:.3g}"])
-            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            # refresh=False: redraw at tqdm's own interval, not every step (fast GPU steps flood logs)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
         bar.close()
         history["time"] += time.perf_counter() - t0
         history["examples"] += seen
