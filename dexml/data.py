@@ -79,6 +79,18 @@ class XMCDataset:
         return len(self.lbl)
 
 
+def split_validation(rng: np.random.Generator, num_rows: int, fraction: float,
+                     max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows held out for validation (sorted) and the rest (shuffled).
+
+    The train stage draws this from its seeded generator first; evaluate's RAE tuning redraws it
+    from a fresh generator with the same seed, so both see the same held-out rows.
+    """
+    perm = rng.permutation(num_rows)
+    n_val = min(max(1, int(num_rows * fraction)), max_points)
+    return np.sort(perm[:n_val]), perm[n_val:]
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) from a gzipped JSON-lines file."""
     path = Path(path)

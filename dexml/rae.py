@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml import metrics
+from dexml.data import split_validation
 from dexml.errors import BundleError
 
 
@@ -129,12 +130,10 @@ def exclude_self(nb_scores: np.ndarray, nb_ids: np.ndarray, own_rows: np.ndarray
 
 
 def validation_rows(num_train: int, seed: int, fraction: float, max_points: int) -> np.ndarray:
-    """The training rows the train stage holds out for validation (dexml/train.py: the first
-    min(max(1, fraction * n), max_points) of a seeded permutation), sorted: queries the model
-    never trained on, to tune lambda and T without touching the test split."""
-    perm = np.random.default_rng(seed).permutation(num_train)
-    n_val = min(max(1, int(num_train * fraction)), max_points)
-    return np.sort(perm[:n_val])
+    """The training rows the train stage holds out for validation (dexml.data.split_validation
+    from a generator seeded like the train stage's), sorted: queries the model never trained on,
+    to tune lambda and T without touching the test split."""
+    return split_validation(np.random.default_rng(seed), num_train, fraction, max_points)[0]
 
 
 def rows_filter(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:

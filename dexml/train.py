@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dexml import atomic, distributed, paths
 from dexml.config import Params
-from dexml.data import read_dataset
+from dexml.data import read_dataset, split_validation
 from dexml.errors import ConfigError
 from dexml.losses import get_loss
 from dexml.model import DualEncoder
@@ -223,9 +223,7 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
 
     # Validation rows carved from the training split (never the test split).
     y = ds.trn.labels.tocsr()
-    perm = rng.permutation(len(ds.trn))
-    n_val = min(max(1, int(len(perm) * p.train.val_fraction)), p.train.val_max_points)
-    val_rows, train_rows = np.sort(perm[:n_val]), perm[n_val:]
+    val_rows, train_rows = split_validation(rng, len(ds.trn), p.train.val_fraction, p.train.val_max_points)
     train_rows = np.sort(train_rows[np.diff(y.indptr)[train_rows] > 0])  # rows with a positive
 
     model = DualEncoder.from_params(p.model, train_labels=y).to(device)
