@@ -77,10 +77,9 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        from dexml import atomic
-
+        from dexml import fileio
         self.doc["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-        atomic.write_json(self.path, self.doc)
+        fileio.write_json(self.path, self.doc)
 
 
 def table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
@@ -171,11 +170,11 @@ def scratch_dir(path: str | None, prefix: str) -> Path:
 def load_dataset(spec: str, workdir: Path):
     """(dataset directory, XMCDataset) for a directory in the LF layout, or `synthetic`:
     the project's default synthetic dataset (params.yaml's dataset.synthetic), generated."""
-    from dexml.data import read_dataset, write_dataset
+    from dexml.data.dataset import read_dataset, write_dataset
 
     if spec == "synthetic":
         from dexml.config import load_params
-        from dexml.synthetic import generate
+        from dexml.data.synthetic import generate
 
         out = Path(workdir) / "synthetic"
         if not (out / "trn.json.gz").exists():
@@ -218,7 +217,6 @@ def exact_top_k(queries, labels, k: int, score=None, chunk: int = 4096):
 def xmc_eval(scores, ds) -> dict:
     """The project's metrics (percent) of a test score matrix, test filter pairs removed."""
     from dexml import metrics
-
     scores = metrics.filter_predictions(scores, ds.filter_tst)
     inv_prop = metrics.inverse_propensity(ds.trn.labels, *ds.propensity)
     return metrics.xmc_metrics(scores, ds.tst.labels, inv_prop)

@@ -82,7 +82,7 @@ def floats(arg: str) -> list[float]:
 
 
 def base_params(args, data_dir: Path, text: str, variant: str) -> dict:
-    from dexml.cli import parse_overrides
+    from dexml.config import parse_overrides
     from dexml.config import set_dotted
 
     raw = {
@@ -131,8 +131,8 @@ def to_csr(scores, ids, num_labels: int):
 def embed(model, texts: list[str], side: str, device: str):
     import numpy as np
 
-    from dexml.tokens import tokenize
-    from dexml.train import embed_tokens
+    from dexml.train.loop import embed_tokens
+    from dexml.train.tokens import tokenize
 
     max_len = model.meta.query_max_len if side == "query" else model.meta.label_max_len
     tok = tokenize(texts, model.tokenizer, max_len)
@@ -145,8 +145,9 @@ def score_variant(model, ds, text: str, device: str, args, val_rows, temperature
     import numpy as np
     import torch
 
-    from dexml import metrics, rae
-    from dexml.priors import label_frequencies
+    from dexml import metrics
+    from dexml.serve import rae
+    from dexml.serve.priors import label_frequencies
 
     model.to(device).eval()
     L = ds.num_labels
@@ -198,9 +199,9 @@ def score_variant(model, ds, text: str, device: str, args, val_rows, temperature
 
 # ---------------------------------------------------------------- serving latency (CPU, faiss)
 def latency(args) -> dict:
-    from dexml import rae
-    from dexml.data import read_dataset
-    from dexml.predict import Predictor
+    from dexml.data.dataset import read_dataset
+    from dexml.serve import rae
+    from dexml.serve.predictor import Predictor
 
     bundle = Path(args.latency_bundle)
     ds = read_dataset(args.data if args.data != "synthetic" else sys.exit("--latency-bundle needs --data DIR"))
@@ -277,7 +278,7 @@ def main(argv=None) -> dict:
     if args.test_max:
         ds.tst = ds.tst.subset(list(range(min(args.test_max, len(ds.tst)))))
         ds.filter_tst = ds.filter_tst[ds.filter_tst[:, 0] < len(ds.tst)]
-    from dexml import rae
+    from dexml.serve import rae
 
     val_rows = rae.validation_rows(len(ds.trn), args.seed, 0.1, 2000)  # the train stage's held-out rows
     settings = {"dataset": ds.name, "data": str(args.data), "train_points": len(ds.trn), "test_points": len(ds.tst),
@@ -290,8 +291,8 @@ def main(argv=None) -> dict:
 
     for variant in variants:
         from dexml.config import parse_params
-        from dexml.model import DualEncoder
-        from dexml.train import train
+        from dexml.train.loop import train
+        from dexml.train.model import DualEncoder
 
         raw = base_params(args, data_dir, text, variant)
         root = workdir / variant
@@ -315,7 +316,7 @@ def main(argv=None) -> dict:
         del model
 
     if not args.no_tfidf:  # CPU; last, so that a time limit cuts it rather than a variant
-        from dexml.baselines import tfidf_knn_scores
+        from dexml.pipeline.baselines import tfidf_knn_scores
 
         start = time.perf_counter()
         m = common.xmc_eval(tfidf_knn_scores(ds.trn.texts(text), ds.trn.labels, ds.tst.texts(text),

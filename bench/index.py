@@ -61,7 +61,7 @@ def around(centres, n: int, spread: float, rng):
 
 
 def index_params(args, kind: str):
-    from dexml.cli import parse_overrides
+    from dexml.config import parse_overrides
     from dexml.config import IndexParams
 
     p = IndexParams(type=kind)
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     import faiss
     import numpy as np
 
-    from dexml.index import build_index
+    from dexml.serve.index import build_index
 
     sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     types = [t.strip() for t in args.types.split(",") if t.strip()]

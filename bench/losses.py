@@ -75,7 +75,7 @@ def names(arg: str, allowed) -> list[str]:
 
 
 def base_params(args, data_dir: Path, text: str) -> dict:
-    from dexml.cli import parse_overrides
+    from dexml.config import parse_overrides
     from dexml.config import set_dotted
 
     raw = {
@@ -97,8 +97,8 @@ def score_model(model, ds, texts, device: str) -> dict:
     import numpy as np
     import torch
 
-    from dexml.tokens import tokenize
-    from dexml.train import embed_tokens
+    from dexml.train.loop import embed_tokens
+    from dexml.train.tokens import tokenize
 
     model.to(device).eval()
     q_tok = tokenize(texts["query"], model.tokenizer, model.meta.query_max_len)
@@ -144,14 +144,14 @@ def main(argv=None) -> dict:
     for name in baselines:
         start = time.perf_counter()
         if name == "tfidf":
-            from dexml.baselines import tfidf_knn_scores
+            from dexml.pipeline.baselines import tfidf_knn_scores
 
             m = common.xmc_eval(tfidf_knn_scores(ds.trn.texts(text), ds.trn.labels, texts["query"],
                                                  k_neighbors=50, top=100), ds)
             row = {"method": "TF-IDF 50-NN", **m}
         else:
             from dexml.config import parse_params
-            from dexml.model import DualEncoder
+            from dexml.train.model import DualEncoder
 
             model = DualEncoder.from_params(parse_params(copy.deepcopy(raw)).model, train_labels=ds.trn.labels)
             row = {"method": "zero-shot encoder", **score_model(model, ds, texts, device)}
@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
 
     for loss in loss_names:
         from dexml.config import parse_params
-        from dexml.model import DualEncoder
-        from dexml.train import train
+        from dexml.train.loop import train
+        from dexml.train.model import DualEncoder
 
         params = copy.deepcopy(raw)
         params["loss"] = {"name": loss, "k": 5, "alpha": 2.0}

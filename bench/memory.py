@@ -48,7 +48,7 @@ def parse_args(argv=None):
 def encoder_path(args) -> str:
     if args.encoder != "tiny":
         return args.encoder
-    from dexml.model import make_tiny_encoder
+    from dexml.train.model import make_tiny_encoder
 
     return str(make_tiny_encoder(common.scratch_dir(None, "dexml_bench_tiny_") / "enc",
                                  hidden=args.tiny_hidden, layers=2, heads=2))
@@ -58,7 +58,7 @@ def synthetic_tokens(n: int, length: int, tokenizer, rng):
     """`n` random token sequences of `length` ids: [CLS] w ... w [SEP] (no padding)."""
     import numpy as np
 
-    from dexml.tokens import TokenizedTexts
+    from dexml.train.tokens import TokenizedTexts
 
     ids = rng.integers(1000, tokenizer.vocab_size, size=(n, length), dtype=np.int32)
     ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -71,10 +71,10 @@ def run_one(num_labels: int, args, enc: str) -> dict:
     import torch
 
     from dexml.config import ModelParams
-    from dexml.losses import get_loss
-    from dexml.model import DualEncoder
-    from dexml.negatives import build_pool
-    from dexml.train import autocast_for, grad_cached_step
+    from dexml.train.loop import autocast_for, grad_cached_step
+    from dexml.train.losses import get_loss
+    from dexml.train.model import DualEncoder
+    from dexml.train.negatives import build_pool
 
     device = common.resolve_device(args.device)
     dev = torch.device(device)

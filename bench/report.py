@@ -157,10 +157,9 @@ def main(argv=None) -> int:
         for name, body in rendered.items():
             print(f"## {name}\n\n{body}\n")
         return 0
-    from dexml import atomic
-
+    from dexml import fileio
     doc = Path(args.doc)
-    atomic.write_text(doc, render(doc.read_text(), rendered))
+    fileio.write_text(doc, render(doc.read_text(), rendered))
     print(f"wrote {doc}")
     return 0
 

@@ -68,7 +68,7 @@ def encoder_rows(model, enc_dir: Path, texts: list[str], args, device: str) -> l
     import onnxruntime as ort
     import torch
 
-    from dexml.onnx_encoder import OUTPUT_NAME, read_encoder_meta
+    from dexml.serve.encoder import OUTPUT_NAME, read_encoder_meta
 
     batch = (texts * (args.batch // max(len(texts), 1) + 1))[:args.batch]
     enc = model.tokenizer(batch, padding="max_length", truncation=True, max_length=args.tokens, return_tensors="pt")
@@ -101,13 +101,13 @@ def encoder_rows(model, enc_dir: Path, texts: list[str], args, device: str) -> l
 def predictor_rows(bundle: Path, labels, queries: list[str], args) -> list[dict]:
     """Single-query Predictor.predict latency over a flat faiss index of the labels."""
     from dexml.config import IndexParams
-    from dexml.index import build_index, write_index_dir
-    from dexml.onnx_encoder import OnnxEncoder
-    from dexml.predict import Predictor
+    from dexml.serve.encoder import OnnxEncoder
+    from dexml.serve.index import build_index, write_index_dir
+    from dexml.serve.predictor import Predictor
 
     emb = OnnxEncoder(bundle / "encoder", allow_gpu=False).embed(labels.texts(args.label_text), "label")
     index, info = build_index(emb, IndexParams(type="flat"))
-    write_index_dir(bundle / "index", index, info, labels)
+    write_index_dir(bundle / "index", index, info, labels.uids, labels.titles)
     rows = []
     for int8 in (False, True):
         predictor = Predictor(bundle, verify=False, int8=int8, gpu=False)
@@ -128,7 +128,7 @@ def int8_rows(enc_dir: Path, ds, texts: dict) -> list[dict]:
     import numpy as np
     import torch
 
-    from dexml.onnx_encoder import OnnxEncoder
+    from dexml.serve.encoder import OnnxEncoder
 
     fp32 = OnnxEncoder(enc_dir, allow_gpu=False)
     labels = torch.from_numpy(fp32.embed(texts["label"], "label"))
@@ -158,8 +158,8 @@ def main(argv=None) -> dict:
     texts = {"query": ds.tst.texts(text), "label": ds.lbl.texts(text)}
 
     from dexml.config import ExportParams, ModelParams
-    from dexml.export import EDGE_TEXTS, export_encoder
-    from dexml.model import DualEncoder
+    from dexml.pipeline.export import EDGE_TEXTS, export_encoder
+    from dexml.train.model import DualEncoder
 
     if args.model:
         model_dir = Path(args.model)

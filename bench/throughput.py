@@ -73,7 +73,7 @@ def shortlist_for(model, q_tok, l_tok, rows, y, size: int, device):
     import numpy as np
     import torch
 
-    from dexml.train import embed_tokens
+    from dexml.train.loop import embed_tokens
 
     model.eval()
     q = embed_tokens(model.encode_queries, q_tok, rows, device)
@@ -93,11 +93,11 @@ def run_dexml(mode: str, args, ds, text: str, device: str, mem) -> dict:
     import torch
 
     from dexml.config import ModelParams
-    from dexml.losses import get_loss
-    from dexml.model import DualEncoder
-    from dexml.negatives import build_pool
-    from dexml.tokens import tokenize
-    from dexml.train import autocast_for, grad_cached_step
+    from dexml.train.loop import autocast_for, grad_cached_step
+    from dexml.train.losses import get_loss
+    from dexml.train.model import DualEncoder
+    from dexml.train.negatives import build_pool
+    from dexml.train.tokens import tokenize
 
     torch.manual_seed(args.seed)
     model = DualEncoder.from_params(ModelParams(encoder=args.encoder, query_max_len=args.max_len,
@@ -141,10 +141,12 @@ def run_st(args, ds, text: str, device: str, mem) -> dict:
     from sentence_transformers import SentenceTransformer
 
     try:
-        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.losses import (
+            CachedMultipleNegativesRankingLoss,
+        )
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
-    from dexml.model import resolve_encoder
+    from dexml.train.model import resolve_encoder
 
     torch.manual_seed(args.seed)
     model = SentenceTransformer(resolve_encoder(args.encoder), device=device)

@@ -1,78 +1,82 @@
-"""The `dexml` command. Each subcommand is exactly what its DVC stage runs.
+"""The `dexml` command: parse the arguments and params once, then hand them down.
 
-A subcommand lives in the module named below, which provides `add_arguments(parser)`
-(optional) and `main(args) -> int | None`. Modules are imported lazily so that, e.g.,
-`dexml predict` never imports torch.
+Stage commands (one per DVC stage) call `run(params, root)` of their module in
+dexml.pipeline and print its `summary(result)`. Tool commands (predict, promote, rollback,
+preset) provide `add_arguments(parser)` and `main(args, params)`; params are loaded for the
+tools that need them. Modules are imported lazily, so e.g. `dexml predict` never imports torch.
+No module under dexml/ imports this one.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from dataclasses import dataclass
 
-import yaml
-
+from dexml.config import load_params, parse_overrides
 from dexml.errors import DexmlError
 
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+    stage: bool = False  # a DVC stage: run(params, root) + summary(result)
+    params: bool = False  # a tool that needs the params file
+    prefix: str = ""  # a tool module serving several commands: add_<prefix>arguments / <prefix>main
+
+
 COMMANDS = {
-    "download": ("dexml.download", "materialise the dataset selected in params.yaml under data.dir"),
-    "validate": ("dexml.validate", "check the dataset with great-expectations; write statistics"),
-    "train": ("dexml.train", "train the dual encoder"),
-    "export": ("dexml.export", "export the encoder(s) to ONNX into the bundle"),
-    "index": ("dexml.index", "embed all labels with the ONNX encoder and build the faiss index"),
-    "evaluate": ("dexml.evaluate", "score the test split with the bundle; write metrics and plots"),
-    "predict": ("dexml.predict", "top labels for texts, from a bundle (no torch)"),
-    "preset": ("dexml.presets", "print (or --apply) the paper's settings for one of its datasets"),
-    "promote": ("dexml.promote", "gate a candidate bundle against production and promote it"),
-    "rollback": ("dexml.promote", "restore the previous production bundle"),
+    "download": Command("dexml.pipeline.download", "materialise the dataset selected in params.yaml under data.dir", stage=True),
+    "validate": Command("dexml.pipeline.validate", "check the dataset with great-expectations; write statistics", stage=True),
+    "train": Command("dexml.pipeline.train", "train the dual encoder", stage=True),
+    "export": Command("dexml.pipeline.export", "export the encoder(s) to ONNX into the bundle", stage=True),
+    "index": Command("dexml.pipeline.index", "embed all labels with the ONNX encoder and build the faiss index", stage=True),
+    "evaluate": Command("dexml.pipeline.evaluate", "score the test split with the bundle; write metrics and plots", stage=True),
+    "predict": Command("dexml.serve.predictor", "top labels for texts, from a bundle (no torch)"),
+    "preset": Command("dexml.pipeline.presets", "print (or --apply) the paper's settings for one of its datasets"),
+    "promote": Command("dexml.pipeline.promote", "gate a candidate bundle against production and promote it",
+                       params=True, prefix="promote_"),
+    "rollback": Command("dexml.pipeline.promote", "restore the previous production bundle", prefix="rollback_"),
 }
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """`-S train.lr=1e-4` -> {"train.lr": 0.0001} (values parsed as YAML scalars)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise DexmlError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def load_params_from_args(args):
-    from dexml.config import load_params
-
-    return load_params(args.params, parse_overrides(args.set))
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {n:<{width}}  {c.help}" for n, c in COMMANDS.items()]
+    return ("usage: dexml COMMAND [--params params.yaml] [-S key=value ...] [options]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`dexml COMMAND --help` for a command's options.")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # Build only the chosen subcommand's module (lazy imports keep `predict` torch-free).
     name = next((a for a in argv if not a.startswith("-")), None)
     if name not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
-        print("usage: dexml COMMAND [--params params.yaml] [-S key=value ...] [options]\n\n"
-              "commands:\n" + "\n".join(lines) + "\n\n`dexml COMMAND --help` for a command's options.",
-              file=sys.stdout if name is None else sys.stderr)
+        print(_usage(), file=sys.stdout if name is None else sys.stderr)
         if name is not None:
             print(f"dexml: error: unknown command {name!r}", file=sys.stderr)
         return 0 if name is None and argv and argv[0] in ("-h", "--help") else 2
-    module_name, help_ = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"dexml {name}", description=help_)
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"dexml {name}", description=command.help)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                         help="override a params entry for this run, e.g. -S train.epochs=1")
     try:
-        mod = importlib.import_module(module_name)
-        add = getattr(mod, f"add_{name}_arguments", None) or getattr(mod, "add_arguments", None)
+        module = importlib.import_module(command.module)
+        add = getattr(module, f"add_{command.prefix}arguments", None)
         if add is not None:
             add(parser)
         rest = list(argv)
         rest.remove(name)
         args = parser.parse_args(rest)
-        entry = getattr(mod, f"{name}_main", None) or getattr(mod, "main")
-        return int(entry(args) or 0)
+        params = (load_params(args.params, parse_overrides(args.set))
+                  if command.stage or command.params else None)
+        if command.stage:
+            text = module.summary(module.run(params, "."))
+            if text:
+                print(text)
+            return 0
+        return int(getattr(module, f"{command.prefix}main")(args, params) or 0)
     except DexmlError as e:
         print(f"dexml {name}: error: {e}", file=sys.stderr)
         return 1

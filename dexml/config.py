@@ -63,7 +63,7 @@ class ModelParams:
     query_max_len: int = 32
     label_max_len: int = 32
     # One learned score offset per label (a popularity prior), folded into the label vectors
-    # at the index stage; labels without a training positive keep 0 (dexml/priors.py).
+    # at the index stage; labels without a training positive keep 0 (dexml/serve/priors.py).
     label_bias: bool = False
     label_bias_lr_scale: float = 100.0  # the bias learns this many times faster than train.lr
 
@@ -137,7 +137,7 @@ class EvaluateParams:
 
 @dataclass
 class RaeParams:
-    """Retrieval-augmented prediction (dexml/rae.py): label scores mixed with the labels of the
+    """Retrieval-augmented prediction (dexml/serve/rae.py): label scores mixed with the labels of the
     nearest training queries, kept in a second faiss index in the bundle."""
     enabled: bool = False  # index: build the training-query memory; evaluate: tune and ship it
     k: int = 100  # labels and training queries retrieved per query
@@ -324,6 +324,17 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         return parse_params(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`-S train.lr=1e-4` -> {"train.lr": 0.0001} (values parsed as YAML scalars)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -9,7 +9,7 @@ What runs where (docs/retraining.md has the whole story):
   committed HEAD, reused between runs so DVC only reruns what changed. Each run writes
   the committed params.yaml plus the run's overrides into the workspace, never into the repo.
   The workspace's DVC cache is the repo's (`dvc cache dir --local`), so nothing is stored twice.
-- Production is <repo>/artifacts/production (dexml/promote.py): releases, `current`, `previous`.
+- Production is <repo>/artifacts/production (dexml/pipeline/promote.py): releases, `current`, `previous`.
 - One run at a time per workspace: an exclusive lock on <workspace>.lock for the whole run
   (a second run fails at once), and the deployment has concurrency_limit=1 (Prefect queues).
 """
@@ -32,10 +32,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.schedules import Cron
 from prefect.tasks import exponential_backoff
 
-from dexml import atomic, paths
+from dexml import fileio, paths
 from dexml.config import load_params, set_dotted
 from dexml.errors import DexmlError
-from dexml.promote import exclusive_lock, gate_and_promote, read_data_stats
+from dexml.pipeline.promote import exclusive_lock, gate_and_promote, read_data_stats
 
 REPO = Path(__file__).resolve().parents[1]
 WORKSPACE = ".dexml/workspace"
@@ -93,7 +93,7 @@ def sync_workspace(repo: Path, workspace: Path, overrides: dict[str, Any]) -> st
     raw = yaml.safe_load(_git(workspace, "show", f"{revision}:params.yaml")) or {}
     for key, value in overrides.items():
         set_dotted(raw, key, value)
-    atomic.write_text(workspace / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
+    fileio.write_text(workspace / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
     load_params(workspace / "params.yaml")  # a bad override fails here, before any stage
     stages = list((yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}))
     if stages != list(STAGES):
@@ -273,7 +273,7 @@ def deployment(params_file: str | Path = REPO / "params.yaml"):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dexml.cli import parse_overrides
+    from dexml.config import parse_overrides
 
     parser = argparse.ArgumentParser(prog="python flows/retrain.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,7 +24,7 @@ TINY_SYNTHETIC = {"num_labels": 40, "num_train": 400, "num_test": 100, "words_pe
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
-    from dexml.model import make_tiny_encoder
+    from dexml.train.model import make_tiny_encoder
 
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"))
 
@@ -33,8 +33,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in the canonical LF layout (do not modify: shared)."""
     from dexml.config import SyntheticParams
-    from dexml.data import write_dataset
-    from dexml.synthetic import generate
+    from dexml.data.dataset import write_dataset
+    from dexml.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("tiny_dataset") / "data"
     write_dataset(generate(SyntheticParams(**TINY_SYNTHETIC)), out)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from dexml.baselines import _top_k_mask, tfidf_knn_scores
 from dexml.errors import DataError
 from dexml.metrics import inverse_propensity, top_k, xmc_metrics
+from dexml.pipeline.baselines import _top_k_mask, tfidf_knn_scores
 
 TRAIN = ["apple pie", "apple pie recipe", "car engine", "car engine oil", "banana bread"]
 # labels: 0 fruit, 1 recipe, 2 vehicle, 3 pie
@@ -39,7 +39,7 @@ def test_neighbour_ties_go_to_the_lower_row():
 
 
 def test_baseline_learns_the_tiny_synthetic_dataset(tiny_dataset_dir):
-    from dexml.data import read_dataset
+    from dexml.data.dataset import read_dataset
 
     ds = read_dataset(tiny_dataset_dir)
     scores = tfidf_knn_scores(ds.trn.texts("title"), ds.trn.labels, ds.tst.texts("title"), k_neighbors=10, top=20)

@@ -8,8 +8,14 @@ import subprocess
 
 import pytest
 
-from dexml.bundle import MANIFEST_FILE, git_revision, read_manifest, verify_bundle, write_manifest
 from dexml.errors import BundleError
+from dexml.serve.bundle import (
+    MANIFEST_FILE,
+    git_revision,
+    read_manifest,
+    verify_bundle,
+    write_manifest,
+)
 
 
 @pytest.fixture

@@ -9,9 +9,16 @@ import pytest
 import scipy.sparse as sp
 
 from dexml.config import SyntheticParams, load_params, parse_params
-from dexml.data import LabelSet, Split, XMCDataset, read_dataset, read_filter, write_dataset
+from dexml.data.dataset import (
+    LabelSet,
+    Split,
+    XMCDataset,
+    read_dataset,
+    read_filter,
+    write_dataset,
+)
+from dexml.data.synthetic import generate
 from dexml.errors import ConfigError, DataError
-from dexml.synthetic import generate
 
 
 def small_dataset() -> XMCDataset:

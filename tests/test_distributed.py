@@ -24,15 +24,16 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dexml import distributed, paths
+from dexml import paths
 from dexml.config import ModelParams, TrainParams
-from dexml.data import read_dataset
+from dexml.data.dataset import read_dataset
 from dexml.errors import ConfigError
-from dexml.losses import get_loss
-from dexml.model import DualEncoder
-from dexml.negatives import build_pool
-from dexml.tokens import tokenize
-from dexml.train import grad_cached_step, validate
+from dexml.train import distributed
+from dexml.train.loop import grad_cached_step, validate
+from dexml.train.losses import get_loss
+from dexml.train.model import DualEncoder
+from dexml.train.negatives import build_pool
+from dexml.train.tokens import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

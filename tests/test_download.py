@@ -12,14 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_formats import write_eurlex, write_jsonl_gz
 
-from dexml import download, formats
 from dexml.cli import main as cli_main
 from dexml.config import parse_params
-from dexml.data import read_dataset
+from dexml.data import download, formats
+from dexml.data.dataset import read_dataset
 from dexml.errors import ConfigError, DataError
-
-from test_formats import write_eurlex, write_jsonl_gz
 
 
 class Server:

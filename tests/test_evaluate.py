@@ -14,16 +14,17 @@ import scipy.sparse as sp
 import yaml
 
 from dexml import metrics, paths
-from dexml.bundle import verify_bundle
 from dexml.config import SyntheticParams, parse_params
-from dexml.data import FILTER_FILES, read_dataset, write_dataset
+from dexml.data.dataset import FILTER_FILES, read_dataset, write_dataset
+from dexml.data.synthetic import generate
 from dexml.errors import BundleError
-from dexml.evaluate import BUCKET_PLOT, PR_PLOT, run_evaluate, score_matrix
-from dexml.export import run_export
-from dexml.index import run_index
-from dexml.model import DualEncoder
-from dexml.predict import Predictor
-from dexml.synthetic import generate
+from dexml.pipeline.evaluate import BUCKET_PLOT, PR_PLOT, score_matrix
+from dexml.pipeline.evaluate import run as run_evaluate
+from dexml.pipeline.export import run as run_export
+from dexml.serve.bundle import verify_bundle
+from dexml.pipeline.index import run as run_index
+from dexml.serve.predictor import Predictor
+from dexml.train.model import DualEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10

@@ -12,9 +12,10 @@ import torch
 from dexml import paths
 from dexml.config import parse_params
 from dexml.errors import ConfigError
-from dexml.export import REPORT_FILE, ExportError, run_export
-from dexml.model import DualEncoder
-from dexml.onnx_encoder import OnnxEncoder
+from dexml.pipeline.export import REPORT_FILE, ExportError
+from dexml.pipeline.export import run as run_export
+from dexml.serve.encoder import OnnxEncoder
+from dexml.train.model import DualEncoder
 
 TEXTS = ["one", "Two words", "A MUCH longer text with Ünïcödé, punctuation; and numbers 12345 " * 3,
          "", "short", "tabs\tand\nnewlines"]

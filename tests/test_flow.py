@@ -101,8 +101,12 @@ def production(project: Path) -> dict:
 def run_info(state) -> dict:
     """The run's state, result, report artifact and task runs, read back from the server."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                                FlowRunFilterId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
@@ -151,7 +155,6 @@ def test_first_run_runs_every_stage_and_promotes(runs, project):
     assert first["production"]["previous"] is None
     # The release serves (checksums verified) and is the bundle the workspace evaluated.
     from dexml import Predictor
-
     release = project / paths.PRODUCTION_DIR / first["production"]["current"]
     top = Predictor(release).predict(["some query"], k=3)[0]
     assert len(top) == 3
@@ -211,7 +214,7 @@ def test_report_artifact_holds_decision_metric_and_data_statistics_tables(runs):
 
 @pytest.mark.slow
 def test_an_overlapping_run_fails_fast_and_leaves_production(runs, project):
-    from dexml.promote import exclusive_lock
+    from dexml.pipeline.promote import exclusive_lock
 
     before = production(project)
     with exclusive_lock(project / ".dexml/workspace.lock", "test"):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from dexml import formats
-from dexml.data import read_dataset
+from dexml.data import formats
+from dexml.data.dataset import read_dataset
 from dexml.errors import DataError
 
 

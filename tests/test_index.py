@@ -10,13 +10,21 @@ import pytest
 
 from dexml import paths
 from dexml.config import IndexParams, parse_params
-from dexml.data import read_dataset
+from dexml.data.dataset import read_dataset
 from dexml.errors import BundleError, ConfigError
-from dexml.export import run_export
-from dexml.index import (INDEX_FILE, INDEX_META, LABELS_FILE, build_index, choose_type, load_index,
-                         run_index, write_index_dir)
-from dexml.model import DualEncoder
-from dexml.onnx_encoder import OnnxEncoder
+from dexml.pipeline.export import run as run_export
+from dexml.serve.encoder import OnnxEncoder
+from dexml.pipeline.index import run as run_index
+from dexml.serve.index import (
+    INDEX_FILE,
+    INDEX_META,
+    LABELS_FILE,
+    build_index,
+    choose_type,
+    load_index,
+    write_index_dir,
+)
+from dexml.train.model import DualEncoder
 
 
 def _unit(rng, n, d=32):
@@ -75,12 +83,12 @@ def test_pq_m_must_divide_the_embedding_size():
 
 
 def test_saved_index_round_trip_keeps_search_params(tmp_path):
-    from dexml.data import LabelSet
+    from dexml.data.dataset import LabelSet
 
     x = _unit(np.random.default_rng(4), 300)
     index, info = build_index(x, IndexParams(type="hnsw", hnsw_ef_search=77, hnsw_m=8))
     labels = LabelSet([f"L{i}" for i in range(300)], [f"title {i}" for i in range(300)], [""] * 300)
-    write_index_dir(tmp_path / "index", index, info, labels)
+    write_index_dir(tmp_path / "index", index, info, labels.uids, labels.titles)
     loaded, loaded_info = load_index(tmp_path / "index")
     assert loaded_info == info and loaded.ntotal == 300
     assert faiss.downcast_index(loaded).hnsw.efSearch == 77

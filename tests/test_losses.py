@@ -7,7 +7,14 @@ from scipy.optimize import brentq
 from scipy.special import expit
 
 from dexml.errors import ConfigError
-from dexml.losses import LOSSES, bce, decoupled_softmax, get_loss, soft_topk, softmax
+from dexml.train.losses import (
+    LOSSES,
+    bce,
+    decoupled_softmax,
+    get_loss,
+    soft_topk,
+    softmax,
+)
 
 PER_POSITIVE = ["softmax", "decoupled_softmax", "soft_topk"]  # the losses averaged over positives, then rows
 

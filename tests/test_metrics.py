@@ -8,8 +8,16 @@ import pytest
 import scipy.sparse as sp
 
 from dexml.errors import DataError
-from dexml.metrics import (EVAL_KEYS, bucket_shares, filter_predictions, inverse_propensity, keep_top_k,
-                           precision_recall_at_k, top_k, xmc_metrics)
+from dexml.metrics import (
+    EVAL_KEYS,
+    bucket_shares,
+    filter_predictions,
+    inverse_propensity,
+    keep_top_k,
+    precision_recall_at_k,
+    top_k,
+    xmc_metrics,
+)
 
 
 def csr(rows: list[dict[int, float]], num_labels: int) -> sp.csr_matrix:

@@ -8,7 +8,7 @@ import torch
 
 from dexml.config import parse_params
 from dexml.errors import ConfigError
-from dexml.model import PACKAGED_MINILM, DualEncoder, resolve_encoder
+from dexml.train.model import PACKAGED_MINILM, DualEncoder, resolve_encoder
 
 TEXTS = ["kernel module for usb devices", "a text editor", ""]
 

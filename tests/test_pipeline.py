@@ -109,7 +109,7 @@ def test_repro_change_param_metrics_diff_and_push_pull(tiny_params, tmp_path):
         assert (clone / rel).exists(), rel
     assert "Running stage" not in dvc("repro", cwd=clone, env=env)  # up to date as pulled
 
-    from dexml.predict import Predictor
+    from dexml.serve.predictor import Predictor
 
     top = Predictor(clone / paths.BUNDLE_DIR).predict(["some query text"], k=3)[0]
     assert len(top) == 3 and all(isinstance(uid, str) for uid, _, _ in top)

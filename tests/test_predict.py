@@ -13,13 +13,13 @@ import pytest
 
 from dexml import paths
 from dexml.config import parse_params
-from dexml.data import read_dataset
+from dexml.data.dataset import read_dataset
 from dexml.errors import BundleError
-from dexml.evaluate import run_evaluate
-from dexml.export import run_export
-from dexml.index import run_index
-from dexml.model import DualEncoder
-from dexml.predict import Predictor
+from dexml.pipeline.evaluate import run as run_evaluate
+from dexml.pipeline.export import run as run_export
+from dexml.pipeline.index import run as run_index
+from dexml.serve.predictor import Predictor
+from dexml.train.model import DualEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 
 from dexml.config import load_params, parse_params, set_dotted
 from dexml.errors import ConfigError
-from dexml.presets import PRESETS, as_set_args, get_preset
-from dexml.train import train
-
-from conftest import REPO
+from dexml.pipeline.presets import PRESETS, as_set_args, get_preset
+from dexml.train.loop import train
 
 
 def test_presets_hold_the_papers_settings():

@@ -9,16 +9,18 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dexml import paths, priors
+from dexml import paths
 from dexml.config import IndexParams, ModelParams, parse_params
-from dexml.data import read_dataset, write_dataset
+from dexml.data.dataset import read_dataset, write_dataset
 from dexml.errors import BundleError, ConfigError
-from dexml.evaluate import run_evaluate
-from dexml.export import run_export
-from dexml.index import build_index, run_index
-from dexml.model import DualEncoder, LabelBias
-from dexml.predict import Predictor
-from dexml.train import train
+from dexml.pipeline.evaluate import run as run_evaluate
+from dexml.pipeline.export import run as run_export
+from dexml.serve import priors
+from dexml.pipeline.index import run as run_index
+from dexml.serve.index import build_index
+from dexml.serve.predictor import Predictor
+from dexml.train.loop import train
+from dexml.train.model import DualEncoder, LabelBias
 
 UNSEEN = 5  # the label removed from the training split of the end-to-end dataset
 

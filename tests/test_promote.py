@@ -6,11 +6,17 @@ import os
 
 import pytest
 
-from dexml.bundle import write_manifest
 from dexml.cli import main as cli
 from dexml.config import FlowParams
 from dexml.errors import BundleError, ConfigError, DexmlError
-from dexml.promote import decide, exclusive_lock, gate_and_promote, release_of, rollback
+from dexml.pipeline.promote import (
+    decide,
+    exclusive_lock,
+    gate_and_promote,
+    release_of,
+    rollback,
+)
+from dexml.serve.bundle import write_manifest
 
 GUARDED = {"P@1": 1.0, "PSP@5": 1.0}
 PROD = {"P@1": 80.0, "P@5": 40.0, "PSP@5": 30.0, "R@100": 90.0}

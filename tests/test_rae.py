@@ -13,16 +13,23 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from dexml import metrics, paths, rae
-from dexml.bundle import verify_bundle
+from dexml import metrics, paths
 from dexml.config import IndexParams, parse_params
-from dexml.data import read_dataset
+from dexml.data.dataset import read_dataset
 from dexml.errors import BundleError
-from dexml.evaluate import run_evaluate, score_matrix
-from dexml.export import run_export
-from dexml.index import MEMORY_INDEX_FILE, MEMORY_LABELS_FILE, build_index, run_index
-from dexml.model import DualEncoder
-from dexml.predict import Predictor
+from dexml.pipeline.evaluate import run as run_evaluate
+from dexml.pipeline.evaluate import score_matrix
+from dexml.pipeline.export import run as run_export
+from dexml.serve import rae
+from dexml.serve.bundle import verify_bundle
+from dexml.pipeline.index import run as run_index
+from dexml.serve.index import (
+    MEMORY_INDEX_FILE,
+    MEMORY_LABELS_FILE,
+    build_index,
+)
+from dexml.serve.predictor import Predictor
+from dexml.train.model import DualEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,13 +18,13 @@ import yaml
 
 from dexml import paths
 from dexml.config import parse_params
-from dexml.data import read_dataset
+from dexml.data.dataset import read_dataset
 from dexml.errors import ConfigError
-from dexml.losses import get_loss
-from dexml.model import DualEncoder
-from dexml.negatives import build_pool, build_shortlist, sample_hard
-from dexml.tokens import cached_tokenize, tokenize
-from dexml.train import grad_cached_step, train, validate
+from dexml.train.loop import grad_cached_step, train, validate
+from dexml.train.losses import get_loss
+from dexml.train.model import DualEncoder
+from dexml.train.negatives import build_pool, build_shortlist, sample_hard
+from dexml.train.tokens import cached_tokenize, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_pools_targets_masks_and_hard_negatives():
 
 
 def test_token_cache_is_reused_and_keyed_by_max_len(tiny_encoder, tmp_path):
-    from dexml.model import load_tokenizer
+    from dexml.train.model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_encoder))
     texts = ["alpha beta gamma delta", "x", ""]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dexml.cli import main as cli_main
+from dexml.data.validate import validate_dataset
 from dexml.errors import DataError
-from dexml.validate import validate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

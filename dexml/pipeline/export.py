@@ -5,7 +5,7 @@ failure leaves the previous export in place. A model's per-label bias is copied 
 exports BERT-style towers with dynamic batch and sequence axes reliably and in seconds.
 The parity check runs the ONNX graph through the same torch-free path that serves it
 (`OnnxEncoder`: `tokenizers` + onnxruntime), so it also proves the tokenizer settings match.
-This is the only stage module that imports torch/transformers.
+The only stage besides train that imports torch (to load the trained model).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dexml import atomic, paths, priors
+from dexml import fileio, paths
 from dexml.config import DataParams, ExportParams, Params
-from dexml.data import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
+from dexml.data.dataset import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
 from dexml.errors import ConfigError, DexmlError
-from dexml.onnx_encoder import ENCODER_META, INPUT_NAMES, OUTPUT_NAME, OnnxEncoder
+from dexml.serve import priors
+from dexml.serve.encoder import ENCODER_META, INPUT_NAMES, OUTPUT_NAME, OnnxEncoder
 
 REPORT_FILE = "export_report.json"
 # Inputs that stress the tokenizer settings: empty, case/accents, truncation, odd whitespace.
@@ -74,7 +75,7 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
     import onnxruntime
     import torch
 
-    from dexml.model import DualEncoder
+    from dexml.train.model import DualEncoder
 
     start = time.perf_counter()
     model = DualEncoder.load(model_dir).eval()
@@ -99,14 +100,14 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         # per-label score offsets, folded into the label vectors by the index stage
         "label_bias": priors.BIAS_FILE if model.label_bias is not None else None,
     }
-    with atomic.atomic_dir(out_dir) as tmp:
+    with fileio.atomic_dir(out_dir) as tmp:
         for name, tower in towers.items():
             _export_tower(tower, example, tmp / f"{name}.onnx", params.opset)
         tok.save_pretrained(tmp)
         if model.label_bias is not None:
             priors.write_label_bias(tmp / priors.BIAS_FILE, model.label_bias.values().numpy(),
                                     model.label_bias.trained.numpy() > 0)
-        atomic.write_json(tmp / ENCODER_META, encoder_meta)
+        fileio.write_json(tmp / ENCODER_META, encoder_meta)
 
         onnx_encoder = OnnxEncoder(tmp, allow_gpu=False)  # CPU: parity of the graph, not of the GPU
         parity = {}
@@ -126,7 +127,7 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
             int8_file = files["query"].replace(".onnx", "_int8.onnx")
             _quantize(tmp / files["query"], tmp / int8_file)
             encoder_meta["int8_files"] = {"query": int8_file}
-            atomic.write_json(tmp / ENCODER_META, encoder_meta)
+            fileio.write_json(tmp / ENCODER_META, encoder_meta)
             fp32 = onnx_encoder.embed(texts["query"], "query")
             q8 = OnnxEncoder(tmp, int8=True, allow_gpu=False).embed(texts["query"], "query")
             cos = (fp32 * q8).sum(1) / np.maximum(
@@ -141,25 +142,22 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
             "files": files, "parity": parity, "parity_tol": params.parity_tol, "int8": int8,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        atomic.write_json(tmp / REPORT_FILE, report)
+        fileio.write_json(tmp / REPORT_FILE, report)
     return report
 
 
-def run_export(params: Params, root: str | Path = ".") -> dict:
+def run(params: Params, root: str | Path = ".") -> dict:
     """The stage: models/encoder -> artifacts/bundle/encoder (paths relative to `root`)."""
     root = Path(root)
     texts = parity_texts(root / params.data.dir, params.data, params.export.parity_texts)
     return export_encoder(root / paths.MODEL_DIR, root / paths.BUNDLE_ENCODER, params.export, texts)
 
 
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    report = run_export(load_params_from_args(args))
+def summary(report: dict) -> str:
     parity = ", ".join(f"{s} {v['max_abs_diff']:.2e}" for s, v in report["parity"].items())
-    print(f"exported {sorted(set(report['files'].values()))} to {paths.BUNDLE_ENCODER} "
-          f"in {report['seconds']} s; parity max |diff|: {parity}")
+    lines = [f"exported {sorted(set(report['files'].values()))} to {paths.BUNDLE_ENCODER} "
+             f"in {report['seconds']} s; parity max |diff|: {parity}"]
     if report["int8"]:
-        print(f"int8 {report['int8']['file']}: cosine to fp32 mean {report['int8']['cosine_mean']:.4f}, "
-              f"min {report['int8']['cosine_min']:.4f}")
-    return 0
+        lines.append(f"int8 {report['int8']['file']}: cosine to fp32 mean {report['int8']['cosine_mean']:.4f}, "
+                     f"min {report['int8']['cosine_min']:.4f}")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ autograd under its recorded RNG state (same dropout) and back-propagate its cach
 Parameter gradients equal the naive full backward's, while activation memory holds one label
 chunk at a time (gradient caching).
 
-Under torchrun (`train.nproc` > 1, see dexml/distributed.py and docs/distributed.md) each process
+Under torchrun (`train.nproc` > 1, see dexml/train/distributed.py and docs/distributed.md) each process
 takes its share of the batch's queries and its shard of the label pool; rank 0 validates,
 refreshes the shortlist and writes checkpoints and outputs.
 """
@@ -30,14 +30,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dexml import atomic, distributed, paths
+from dexml import fileio, paths
 from dexml.config import Params
-from dexml.data import read_dataset, split_validation
+from dexml.data.dataset import read_dataset, split_validation
 from dexml.errors import ConfigError
-from dexml.losses import get_loss
-from dexml.model import DualEncoder
-from dexml.negatives import LabelPool, build_pool, build_shortlist
-from dexml.tokens import TokenizedTexts, cached_tokenize
+from dexml.train import distributed
+from dexml.train.losses import get_loss
+from dexml.train.model import DualEncoder
+from dexml.train.negatives import LabelPool, build_pool, build_shortlist
+from dexml.train.tokens import TokenizedTexts, cached_tokenize
 
 
 # ---------------------------------------------------------------- devices and RNG
@@ -173,7 +174,7 @@ def fingerprint(p: Params, data_dir: Path) -> str:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic.atomic_path(path, suffix=".pt") as tmp:
+    with fileio.atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
 
 
@@ -192,7 +193,7 @@ def load_checkpoint(path: Path, fp: str) -> dict | None:
 
 
 def _write_csv(path: Path, header: list[str], rows: list) -> None:
-    atomic.write_text(path, ",".join(header) + "\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows))
+    fileio.write_text(path, ",".join(header) + "\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------- the loop
@@ -304,7 +305,7 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
             print(f"train: epoch {epoch + 1} val P@1 {val['P@1']:.2f} P@5 {val['P@5']:.2f}", file=sys.stderr)
             if val["P@5"] > best["score"]:
                 best = {"score": val["P@5"], "epoch": epoch + 1, "P@1": val["P@1"], "P@5": val["P@5"]}
-                with atomic.atomic_path(best_path, suffix=".safetensors") as tmp:
+                with fileio.atomic_path(best_path, suffix=".safetensors") as tmp:
                     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
             save_checkpoint(ckpt_path, {
                 "fingerprint": fp, "epoch": epoch, "step": step, "best": best, "history": history,
@@ -325,12 +326,12 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
         # The selected (best validation) model becomes the stage's output.
         if best_path.exists():
             model.load_state_dict(load_file(best_path))
-        with atomic.atomic_dir(root / paths.MODEL_DIR) as tmp:
+        with fileio.atomic_dir(root / paths.MODEL_DIR) as tmp:
             model.cpu().save(tmp)
         plots = root / paths.TRAIN_PLOTS
         _write_csv(plots / "loss.csv", ["step", "loss", "lr"], history["loss"])
         _write_csv(plots / "val.csv", ["epoch", "P@1", "P@5"], history["val"])
-        atomic.write_json(root / paths.TRAIN_METRICS, metrics)
+        fileio.write_json(root / paths.TRAIN_METRICS, metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
     ctx.barrier()
     return metrics
@@ -349,15 +350,3 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    p = load_params_from_args(args)
-    if distributed.should_launch(p.train):
-        return distributed.launch(p.train, args.params, args.set or [])
-    metrics = train(p)
-    if distributed.is_main_process():
-        print(json.dumps(metrics, indent=2))
-    return 0

@@ -4,7 +4,7 @@ Saved in Hugging Face format (safetensors + tokenizer) laid out as a sentence-tr
 model, plus `dexml_encoder.json` with what the rest of the pipeline needs (pooling, tau, max
 lengths, whether the towers are shared). With separate towers the directory holds `query/`
 and `label/`, each a complete sentence-transformers model. With `model.label_bias` the
-per-label score offsets are in `label_bias.safetensors` (dexml/priors.py).
+per-label score offsets are in `label_bias.safetensors` (dexml/serve/priors.py).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dexml import priors
 from dexml.config import ModelParams
 from dexml.errors import ConfigError
+from dexml.serve import priors
 
 # Library chatter (load reports, progress bars) drowns the stage logs.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,9 +1,9 @@
 """The `download` stage: materialise the dataset selected by params `dataset` under `data.dir`.
 
 Sources (params `dataset.source`):
-  synthetic          the seeded generator (dexml/synthetic.py)
+  synthetic          the seeded generator (dexml/data/synthetic.py)
   a registered name  one of REGISTRY below: fetched from its published location (Google Drive,
-                     through gdown) into cache/downloads/<name>/ and converted (dexml/formats.py);
+                     through gdown) into cache/downloads/<name>/ and converted (dexml/data/formats.py);
                      with `dataset.path` set, that local copy (archive or directory) is used instead
   local              `dataset.path`: a directory in the LF layout, or a .zip/.tar.gz holding one
   url                `dataset.url`: an http(s) archive of the LF layout
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from dexml import atomic, formats
+from dexml import fileio
 from dexml.config import DatasetParams, Params
-from dexml.data import DEFAULT_PROPENSITY, META_FILE, write_dataset
+from dexml.data import formats
+from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, write_dataset
 from dexml.errors import ConfigError, DataError
 
 CACHE_DIR = Path("cache/downloads")
@@ -90,7 +91,7 @@ def materialise(ds: DatasetParams, out_dir: str | Path, cache_dir: str | Path = 
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     source = ds.source
     if source == "synthetic":
-        from dexml.synthetic import generate
+        from dexml.data.synthetic import generate
 
         data = generate(ds.synthetic)
         data.propensity = _propensity(ds, DEFAULT_PROPENSITY)
@@ -138,9 +139,9 @@ def _convert_into(src: Path, out_dir: Path, convert, name: str, propensity: tupl
             log(f"extracting {src}")
             formats.safe_extract(src, work)
             src = work
-        with atomic.atomic_dir(out_dir) as tmp:
+        with fileio.atomic_dir(out_dir) as tmp:
             convert(src, tmp)
-            atomic.write_json(tmp / META_FILE, {"name": name, "propensity": list(propensity)})
+            fileio.write_json(tmp / META_FILE, {"name": name, "propensity": list(propensity)})
     log(f"wrote {name} to {out_dir}")
 
 
@@ -310,14 +311,3 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
     if expected is not None and size < expected:
         raise _Incomplete(f"connection closed after {size} of {expected} bytes")
 
-
-# --- CLI ---------------------------------------------------------------------------------
-
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    params: Params = load_params_from_args(args)
-    t0 = time.time()
-    materialise(params.dataset, params.data.dir)
-    log(f"done in {time.time() - t0:.1f} s")
-    return 0

@@ -33,7 +33,7 @@ import torch
 
 from dexml.config import TrainParams
 from dexml.errors import ConfigError
-from dexml.negatives import LabelPool
+from dexml.train.negatives import LabelPool
 
 # torch >= 2.10 marks the differentiable collectives of torch.distributed.nn.functional (used here and
 # in dexml.losses) deprecated in favour of the private _functional_collectives; they still work.
@@ -70,12 +70,12 @@ def torchrun_command(t: TrainParams, params_path: str, overrides: list[str]) -> 
     return cmd
 
 
-def launch(t: TrainParams, params_path: str, overrides: list[str]) -> int:
-    """Run torchrun for this node and wait; its exit status (non-zero if any rank failed)."""
+def launch(t: TrainParams, params_path: str, overrides: list[str], cwd=None) -> int:
+    """Run torchrun for this node (in `cwd`) and wait; its exit status (non-zero if any rank failed)."""
     cmd = torchrun_command(t, params_path, overrides)
     print(f"train: launching {t.nproc} process(es) on node {t.node_rank} of {t.nnodes} with torchrun",
           file=sys.stderr)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, cwd=cwd)
     # Stopping this process (Ctrl-C, a scheduler's SIGTERM) must stop torchrun, which stops its
     # workers (they run in sessions of their own): pass the signal on and wait for it to finish.
     forward = {}

@@ -1,17 +1,17 @@
-"""`index` stage: every label embedded by the shipped ONNX encoder, then a faiss index.
+"""faiss indexes of the bundle: build, write, load, configure search. No torch.
 
-Writes artifacts/bundle/index/ atomically:
+An index directory (artifacts/bundle/index/, written by the index stage, dexml.pipeline.index):
     labels.faiss   inner-product index; faiss id = label index (row of lbl.json.gz)
     labels.jsonl   {"uid", "title"} per line, in label-index order (the id map)
     index.json     type, build params, search params, num_labels, dim, timings;
                    `label_bias` when the label vectors carry the model's per-label bias
-                   (folded: [l, tau * b_l], queries get a 1 appended; dexml/priors.py);
+                   (folded: [l, tau * b_l], queries get a 1 appended; dexml.serve.priors);
                    `memory` when the training queries are indexed too (rae.enabled)
     queries.faiss, queries_labels.npz   with rae.enabled: the training queries' embeddings
                    (faiss id = training row) and their label rows (CSR), the memory of
-                   retrieval-augmented prediction (dexml/rae.py)
+                   retrieval-augmented prediction (dexml.serve.rae)
 Types: exact (IndexFlatIP), HNSW (IndexHNSWFlat) or IVF-PQ (IndexIVFPQ); `auto` is exact up to
-index.auto_flat_max vectors and HNSW beyond. No torch here: the predictor loads indexes too.
+index.auto_flat_max vectors and HNSW beyond.
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ except ImportError:  # the CPU and GPU builds are separate extras (pip extras ca
     raise ImportError("faiss is not installed: pip install 'dexml[cpu]' (faiss-cpu, onnxruntime) "
                       "or, on a GPU machine, 'dexml[gpu]' (faiss-gpu, onnxruntime-gpu)") from None
 
-from dexml import atomic, paths, priors
-from dexml.config import IndexParams, Params
-from dexml.data import LABEL_FILE, LabelSet, read_dataset, read_labelset
+from dexml import fileio
+from dexml.config import IndexParams
 from dexml.errors import BundleError, ConfigError, DataError
 
 INDEX_FILE = "labels.faiss"
@@ -127,24 +126,21 @@ def to_gpu(index):
         return index
 
 
-def read_labels(data_dir: str | Path) -> LabelSet:
-    """lbl.json.gz of the dataset (uid, title, content), in label-index order."""
-    return read_labelset(Path(data_dir) / LABEL_FILE)
-
-
-def write_index_dir(out_dir: str | Path, index, info: dict, labels: LabelSet, memory=None) -> None:
-    """memory: None, or (faiss index of the training queries, their CSR label rows)."""
-    with atomic.atomic_dir(out_dir) as tmp:
+def write_index_dir(out_dir: str | Path, index, info: dict, uids: list[str], titles: list[str],
+                    memory=None) -> None:
+    """Write the directory atomically. uids/titles: one per label, in index-id order; memory: None,
+    or (faiss index of the training queries, their CSR label rows)."""
+    with fileio.atomic_dir(out_dir) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         with open(tmp / LABELS_FILE, "w", encoding="utf-8") as f:
-            for uid, title in zip(labels.uids, labels.titles):
+            for uid, title in zip(uids, titles, strict=True):
                 f.write(json.dumps({"uid": uid, "title": title}, ensure_ascii=False) + "\n")
         if memory is not None:
             faiss.write_index(memory[0], str(tmp / MEMORY_INDEX_FILE))
             with open(tmp / MEMORY_LABELS_FILE, "wb") as f:
                 sp.save_npz(f, sp.csr_matrix(memory[1], dtype=np.float32), compressed=True)
             info["memory"]["bytes"] = sum((tmp / n).stat().st_size for n in (MEMORY_INDEX_FILE, MEMORY_LABELS_FILE))
-        atomic.write_json(tmp / INDEX_META, info)
+        fileio.write_json(tmp / INDEX_META, info)
 
 
 def load_index(index_dir: str | Path):
@@ -193,67 +189,3 @@ def load_memory(index_dir: str | Path, info: dict):
                           f"rows {labels.shape}; {INDEX_META} expects {n} x {mem.get('dim')} and ({n}, {num_labels})")
     configure_search(index, mem.get("search", {}))
     return index, labels
-
-
-def run_index(params: Params, root: str | Path = ".") -> dict:
-    """The stage: data.dir's labels (+ training queries with rae.enabled) + artifacts/bundle/encoder
-    -> artifacts/bundle/index."""
-    from dexml.onnx_encoder import read_encoder_meta
-    from dexml.predict import Predictor
-
-    root = Path(root)
-    labels = read_labels(root / params.data.dir)
-    predictor = Predictor(root / paths.BUNDLE_DIR, verify=False)
-    start = time.perf_counter()
-    emb = predictor.embed(labels.texts(params.data.label_text), "label", batch_size=params.index.batch_size)
-    encode_s = time.perf_counter() - start
-    encoder_dir = root / paths.BUNDLE_ENCODER
-    meta = read_encoder_meta(encoder_dir)
-    folded = None
-    if meta.get("label_bias"):
-        bias, trained = priors.read_label_bias(encoder_dir / meta["label_bias"], num_labels=len(labels))
-        emb = priors.fold_labels(emb, bias, meta["tau"])
-        folded = {"file": f"encoder/{meta['label_bias']}", "tau": meta["tau"],
-                  "query_constant": priors.QUERY_CONSTANT, "trained_labels": int(trained.sum())}
-    start = time.perf_counter()
-    gpu = use_gpu(params.index.use_gpu)
-    index, info = build_index(emb, params.index, gpu=gpu)
-    info.update({
-        "label_text": params.data.label_text,
-        "encode_seconds": round(encode_s, 3),
-        "encode_labels_per_s": round(len(labels) / max(encode_s, 1e-9), 1),
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "onnx_providers": predictor.encoder.providers,
-        "label_bias": folded,
-    })
-    memory = None
-    if params.rae.enabled:
-        trn = read_dataset(root / params.data.dir).trn
-        start = time.perf_counter()
-        q_emb = predictor.embed(trn.texts(params.data.query_text), "query", batch_size=params.index.batch_size)
-        mem_encode_s = time.perf_counter() - start
-        mem_index, mem_info = build_index(q_emb, params.index, gpu=gpu)
-        y = sp.csr_matrix(trn.labels, dtype=np.float32)
-        y.data[:] = 1.0  # the memory votes with binary label rows
-        memory = (mem_index, y)
-        info["memory"] = {**{k: mem_info[k] for k in ("type", "build", "search", "dim", "built_on")},
-                          "num_queries": len(trn), "query_text": params.data.query_text,
-                          "encode_seconds": round(mem_encode_s, 3)}
-    write_index_dir(root / paths.BUNDLE_INDEX, index, info, labels, memory)
-    return info
-
-
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    info = run_index(load_params_from_args(args))
-    print(f"indexed {info['num_labels']} labels (dim {info['dim']}) as {info['type']} in "
-          f"{paths.BUNDLE_INDEX}: encode {info['encode_seconds']} s "
-          f"({info['encode_labels_per_s']} labels/s), build {info['build_seconds']} s on {info['built_on']}")
-    if info["label_bias"]:
-        print(f"label bias folded into the label vectors ({info['label_bias']['trained_labels']} labels learned one)")
-    if "memory" in info:
-        m = info["memory"]
-        print(f"memory: {m['num_queries']} training queries as {m['type']}, encode {m['encode_seconds']} s, "
-              f"{m['bytes'] / 2**20:.1f} MiB")
-    return 0

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml import metrics
-from dexml.data import split_validation
+from dexml.data.dataset import split_validation
 from dexml.errors import BundleError
 
 

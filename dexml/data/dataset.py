@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from dexml import atomic
+from dexml import fileio
 from dexml.errors import DataError
 
 SPLIT_FILES = {"trn": "trn.json.gz", "tst": "tst.json.gz"}
@@ -238,5 +238,5 @@ def write_dataset_files(ds: XMCDataset, out: Path) -> None:
 
 def write_dataset(ds: XMCDataset, root: str | Path) -> None:
     """Write the dataset atomically: `root` is replaced as a whole or not at all."""
-    with atomic.atomic_dir(root) as tmp:
+    with fileio.atomic_dir(root) as tmp:
         write_dataset_files(ds, tmp)

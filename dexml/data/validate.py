@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dexml import atomic
-from dexml.data import FILTER_FILES, LABEL_FILE, SPLIT_FILES
+from dexml import fileio
+from dexml.data.dataset import FILTER_FILES, LABEL_FILE, SPLIT_FILES
 from dexml.errors import DataError
 from dexml.paths import DATA_METRICS, VALIDATION_REPORT
 
@@ -266,12 +266,12 @@ def validate_dataset(root: str | Path, report_path: str | Path = VALIDATION_REPO
         "failures": [f.message() for f in failures],
         "stats": stats if not failures else None,
     }
-    atomic.write_json(report_path, report)
+    fileio.write_json(report_path, report)
     if failures:
         raise DataError(f"dataset {root} failed validation ({len(failures)} problem"
                         f"{'s' if len(failures) > 1 else ''}; full report in {report_path}):\n  "
                         + "\n  ".join(f.message() for f in failures))
-    atomic.write_json(metrics_path, stats)
+    fileio.write_json(metrics_path, stats)
     return stats
 
 
@@ -295,15 +295,3 @@ def _label_freq(counts: np.ndarray) -> dict:
     out = {f"q{round(q * 100)}": round(float(np.quantile(counts, q)), 2) for q in QUANTILES}
     out["max"] = int(counts.max())
     return out
-
-
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    params = load_params_from_args(args)
-    t0 = time.time()
-    stats = validate_dataset(params.data.dir)
-    print(f"[validate] {params.data.dir}: {stats['trn']['points']} train / {stats['tst']['points']} "
-          f"test points, {stats['labels']} labels, {stats['trn']['empty_rows']} train rows without "
-          f"labels; passed in {time.time() - t0:.1f} s", file=sys.stderr)
-    return 0

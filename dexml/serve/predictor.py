@@ -3,8 +3,8 @@
 onnxruntime + `tokenizers` embed the texts (dexml.onnx_encoder), faiss finds the nearest
 labels. The index and evaluate stages embed and search through this same class, so what
 they measure is the code path that ships. A label index with a folded per-label bias gets
-the query constant appended here (dexml/priors.py); a bundle whose manifest names `rae`
-settings mixes in the labels of the nearest training queries (dexml/rae.py).
+the query constant appended here (dexml/serve/priors.py); a bundle whose manifest names `rae`
+settings mixes in the labels of the nearest training queries (dexml/serve/rae.py).
 """
 from __future__ import annotations
 
@@ -15,11 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dexml import paths, priors, rae
-from dexml.bundle import MANIFEST_FILE, verify_bundle
+from dexml import paths
 from dexml.errors import BundleError, DexmlError
-from dexml.index import INDEX_FILE, LABELS_FILE, configure_search, load_index, load_memory, to_gpu, use_gpu
-from dexml.onnx_encoder import OnnxEncoder
+from dexml.serve import priors, rae
+from dexml.serve.bundle import MANIFEST_FILE, verify_bundle
+from dexml.serve.encoder import OnnxEncoder
+from dexml.serve.index import (
+    INDEX_FILE,
+    LABELS_FILE,
+    configure_search,
+    load_index,
+    load_memory,
+    to_gpu,
+    use_gpu,
+)
 
 
 class Predictor:
@@ -199,7 +208,7 @@ def _read_jsonl(stream):
                              f"string field, got {line.strip()[:80]!r}")
 
 
-def main(args) -> int:
+def main(args, params=None) -> int:
     if args.k < 1:
         raise DexmlError(f"-k: expected a positive integer, got {args.k}")
     if args.jsonl == bool(args.texts):

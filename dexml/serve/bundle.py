@@ -18,7 +18,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from dexml import atomic
+from dexml import fileio
 from dexml.errors import BundleError
 
 MANIFEST_FILE = "manifest.json"
@@ -76,7 +76,7 @@ def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metric
         "rae": rae,
         "files": checksums(root),
     }
-    atomic.write_json(root / MANIFEST_FILE, manifest)
+    fileio.write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml.config import SyntheticParams
-from dexml.data import DEFAULT_PROPENSITY, LabelSet, Split, XMCDataset
+from dexml.data.dataset import DEFAULT_PROPENSITY, LabelSet, Split, XMCDataset
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "st", "tr"]
 _VOWELS = ["a", "e", "i", "o", "u"]

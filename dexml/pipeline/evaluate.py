@@ -12,7 +12,7 @@ If the bundle has an int8 query encoder, the test set is scored with it as well 
 same fp32 label index, as it would be served) and its metrics and differences to fp32 go
 under "int8".
 
-With rae.enabled (dexml/rae.py), lambda and the temperature are chosen on the training
+With rae.enabled (dexml/serve/rae.py), lambda and the temperature are chosen on the training
 queries the train stage held out (leave-one-out against the memory), never on test; if the
 best lambda is above 0 the bundle ships retrieval-augmented: the 15 metric keys, predictions,
 plots and int8 numbers are then those of the augmented ranking, eval.json's "rae" holds the
@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from dexml import atomic, metrics, paths, rae
-from dexml.bundle import git_revision, write_manifest
+from dexml import fileio, metrics, paths
 from dexml.config import Params
-from dexml.data import XMCDataset, read_dataset
+from dexml.data.dataset import XMCDataset, read_dataset
 from dexml.errors import BundleError
-from dexml.predict import Predictor
+from dexml.serve import rae
+from dexml.serve.bundle import git_revision, write_manifest
+from dexml.serve.predictor import Predictor
 
 PR_PLOT = "precision_recall_at_k.csv"
 BUCKET_PLOT = "buckets.csv"
@@ -132,20 +133,20 @@ def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path
 
 
 def _save_npz(target: Path, matrix: sp.csr_matrix) -> None:
-    with atomic.atomic_path(target) as tmp, open(tmp, "wb") as f:
+    with fileio.atomic_path(target) as tmp, open(tmp, "wb") as f:
         sp.save_npz(f, matrix, compressed=True)
 
 
-def run_evaluate(params: Params, root: str | Path = ".") -> dict:
+def run(params: Params, root: str | Path = ".") -> dict:
     """The stage; returns what metrics/eval.json holds."""
     root = Path(root)
     bundle_dir = root / paths.BUNDLE_DIR
     result, matrix, p_at_k, r_at_k, buckets, ds = evaluate_bundle(params, bundle_dir, root / params.data.dir)
     # Everything is computed before the first write; each file is replaced atomically.
     _save_npz(root / paths.PREDICTIONS, matrix)
-    atomic.write_text(root / paths.EVAL_PLOTS / PR_PLOT, "k,P@k,R@k\n" + "".join(
+    fileio.write_text(root / paths.EVAL_PLOTS / PR_PLOT, "k,P@k,R@k\n" + "".join(
         f"{k},{p:.4f},{r:.4f}\n" for k, (p, r) in enumerate(zip(p_at_k, r_at_k), 1)))
-    atomic.write_text(root / paths.EVAL_PLOTS / BUCKET_PLOT, "bucket,share,labels\n" + "".join(
+    fileio.write_text(root / paths.EVAL_PLOTS / BUCKET_PLOT, "bucket,share,labels\n" + "".join(
         f"{b['bucket']},{b['share']:.4f},{b['labels']}\n" for b in buckets))
     eval_json = {k: round(v, 4) for k, v in result.items() if k in metrics.EVAL_KEYS}
     eval_json["throughput"] = {k: v for k, v in result["throughput"].items() if not isinstance(v, (list, str))}
@@ -157,28 +158,25 @@ def run_evaluate(params: Params, root: str | Path = ".") -> dict:
         eval_json["rae"] = {**choice, "without_rae": {k: round(v, 4) for k, v in choice["without_rae"].items()}}
         if choice["shipped"]:
             shipped = {k: choice[k] for k in ("lambda", "temperature", "k")}
-    atomic.write_json(root / paths.EVAL_METRICS, eval_json)
+    fileio.write_json(root / paths.EVAL_METRICS, eval_json)
     write_manifest(bundle_dir, dataset=ds.name, params=params.to_dict(), metrics=eval_json,
                    throughput=result["throughput"], git_rev=git_revision(root), rae=shipped)
     return eval_json
 
 
-def main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    result = run_evaluate(load_params_from_args(args))
-    print("  ".join(f"{k} {result[k]:.2f}" for k in metrics.EVAL_KEYS))
+def summary(result: dict) -> str:
+    lines = ["  ".join(f"{k} {result[k]:.2f}" for k in metrics.EVAL_KEYS)]
     t = result["throughput"]
-    print(f"{t['num_queries']} test queries: encode {t['encode_qps']} q/s, search {t['search_qps']} q/s")
+    lines.append(f"{t['num_queries']} test queries: encode {t['encode_qps']} q/s, search {t['search_qps']} q/s")
     if "rae" in result:
         r = result["rae"]
         v = r["validation"]
         state = "shipped" if r["shipped"] else "not shipped (lambda 0: the dual encoder alone is best)"
-        print(f"retrieval augmentation {state}: lambda {r['lambda']}, temperature {r['temperature']}, k {r['k']} "
-              f"(chosen on {v['points']} held-out training queries by {v['metric']}: {v['best'][v['metric']]:.2f})")
-        print("  without it on test: " + "  ".join(f"{k} {r['without_rae'][k]:.2f}" for k in ("P@1", "P@5", "PSP@5")))
+        lines.append(f"retrieval augmentation {state}: lambda {r['lambda']}, temperature {r['temperature']}, "
+                     f"k {r['k']} (chosen on {v['points']} held-out training queries by {v['metric']}: {v['best'][v['metric']]:.2f})")
+        lines.append("  without it on test: " + "  ".join(f"{k} {r['without_rae'][k]:.2f}" for k in ("P@1", "P@5", "PSP@5")))
     if "int8" in result:
         d = result["int8"]["delta"]
-        print("int8 query encoder, change: " + "  ".join(f"{k} {d[k]:+.2f}" for k in ("P@1", "P@5", "nDCG@5", "R@100")))
-    print(f"wrote {paths.EVAL_METRICS}, {paths.PREDICTIONS}, {paths.EVAL_PLOTS}/, {paths.BUNDLE_MANIFEST}")
-    return 0
+        lines.append("int8 query encoder, change: " + "  ".join(f"{k} {d[k]:+.2f}" for k in ("P@1", "P@5", "nDCG@5", "R@100")))
+    lines.append(f"wrote {paths.EVAL_METRICS}, {paths.PREDICTIONS}, {paths.EVAL_PLOTS}/, {paths.BUNDLE_MANIFEST}")
+    return "\n".join(lines)

@@ -66,18 +66,18 @@ def add_arguments(parser) -> None:
                         help="write the preset into the params file instead of printing -S arguments")
 
 
-def main(args) -> int:
+def main(args, params=None) -> int:
     overrides = get_preset(args.name)
     load_params(args.params, overrides)  # validate before printing or writing anything
     if not args.apply:
         print(" ".join(as_set_args(overrides)))
         return 0
-    from dexml import atomic
+    from dexml import fileio
 
     with open(args.params) as f:
         raw = yaml.safe_load(f) or {}
     for key, value in overrides.items():
         set_dotted(raw, key, value)
-    atomic.write_text(args.params, yaml.safe_dump(raw, sort_keys=False))
+    fileio.write_text(args.params, yaml.safe_dump(raw, sort_keys=False))
     print(f"preset {args.name} written to {args.params}", file=sys.stderr)
     return 0

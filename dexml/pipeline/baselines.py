@@ -22,7 +22,9 @@ def tfidf_knn_scores(train_texts: Sequence[str], train_labels: sp.csr_matrix, te
     no term with the training set gets an empty row. min_df=2 reproduces the reference numbers
     on LF-DebianTags (min_df=1 gives P@1 about 2 points lower).
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer  # heavy import, only here
+    from sklearn.feature_extraction.text import (
+        TfidfVectorizer,  # heavy import, only here
+    )
 
     y = sp.csr_matrix(train_labels)
     if y.shape[0] != len(train_texts):

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Iterator
 
 from dexml import paths
-from dexml.bundle import MANIFEST_FILE, read_manifest, verify_bundle
 from dexml.config import FlowParams
 from dexml.errors import BundleError, ConfigError, DexmlError
+from dexml.serve.bundle import MANIFEST_FILE, read_manifest, verify_bundle
 
 RELEASES = "releases"
 CURRENT = "current"
@@ -237,10 +237,8 @@ def add_promote_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="promote even if the gate says no")
 
 
-def promote_main(args) -> int:
-    from dexml.cli import load_params_from_args
-
-    flow = load_params_from_args(args).flow
+def promote_main(args, params) -> int:
+    flow = params.flow
     result = gate_and_promote(args.bundle, args.production, flow, args.data_stats, args.force)
     for reason in result.decision.reasons:
         print(f"  {reason}", file=sys.stderr)
@@ -256,7 +254,7 @@ def add_rollback_arguments(parser) -> None:
                         help=f"production directory (default {paths.PRODUCTION_DIR})")
 
 
-def rollback_main(args) -> int:
+def rollback_main(args, params=None) -> int:
     restored = rollback(args.production)
     print(f"rolled back: {Path(args.production) / CURRENT} -> {restored}")
     return 0

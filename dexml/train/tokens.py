@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dexml import atomic
+from dexml import fileio
 
 _CHUNK = 8192  # texts per tokenizer call
 
@@ -71,7 +71,7 @@ def cached_tokenize(texts: list[str], tokenizer, max_len: int, cache_dir: str | 
     if not (ids_path.exists() and len_path.exists()):
         tok = tokenize(texts, tokenizer, max_len)
         for path, arr in ((ids_path, tok.ids), (len_path, tok.lengths)):
-            with atomic.atomic_path(path, suffix=".npy") as tmp:
+            with fileio.atomic_path(path, suffix=".npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr, allow_pickle=False)
     return TokenizedTexts(np.load(ids_path, mmap_mode="r", allow_pickle=False),

@@ -1,4 +1,4 @@
-"""Upstream dataset layouts -> the canonical LF layout (see dexml/data.py), plus safe extraction.
+"""Upstream dataset layouts -> the canonical LF layout (see dexml/data/dataset.py), plus safe extraction.
 
 Every converter has the signature `convert(src, out)`: `src` is a directory holding the
 upstream files (at its top level or in its single subdirectory, as archives unpack), `out`
@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from dexml.data import FILTER_FILES, LABEL_FILE, SPLIT_FILES, _write_jsonl_gz
+from dexml.data.dataset import FILTER_FILES, LABEL_FILE, SPLIT_FILES, _write_jsonl_gz
 from dexml.errors import DataError
 
 LF_FILES = (SPLIT_FILES["trn"], SPLIT_FILES["tst"], LABEL_FILE)
