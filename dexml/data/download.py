@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dexml import fileio
-from dexml.config import DatasetParams, Params
+from dexml.config import DatasetParams
 from dexml.data import formats
 from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, write_dataset
 from dexml.errors import ConfigError, DataError

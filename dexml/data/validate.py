@@ -15,8 +15,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
