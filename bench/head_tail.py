@@ -119,15 +119,6 @@ def exact_search(queries, keys, k: int, offset=None, chunk: int = 4096):
     return torch.cat(vals).numpy(), torch.cat(inds).numpy().astype("int64")
 
 
-def to_csr(scores, ids, num_labels: int):
-    import numpy as np
-    import scipy.sparse as sp
-
-    n, k = ids.shape
-    return sp.csr_matrix((scores.ravel().astype(np.float32), ids.ravel(), np.arange(n + 1) * k),
-                         shape=(n, num_labels))
-
-
 def embed(model, texts: list[str], side: str, device: str):
     import numpy as np
 
@@ -147,7 +138,7 @@ def score_variant(model, ds, text: str, device: str, args, val_rows, temperature
 
     from dexml import metrics
     from dexml.serve import rae
-    from dexml.serve.priors import label_frequencies
+    from dexml.metrics import label_frequencies, scores_to_csr
 
     model.to(device).eval()
     L = ds.num_labels
@@ -163,9 +154,9 @@ def score_variant(model, ds, text: str, device: str, args, val_rows, temperature
     def add(method, scores_csr, **extra):
         rows.append({"method": method, **common.xmc_eval(scores_csr, ds), **extra})
 
-    add("DE", to_csr(*exact_search(q_test, labels, 100, offset), L))
+    add("DE", scores_to_csr(*exact_search(q_test, labels, 100, offset), L))
     if offset is not None:
-        add("DE, bias dropped at test", to_csr(*exact_search(q_test, labels, 100), L))
+        add("DE, bias dropped at test", scores_to_csr(*exact_search(q_test, labels, 100), L))
         bias = model.label_bias.values().numpy()
         freq = label_frequencies(ds.trn.labels)
         seen = freq > 0

@@ -1,16 +1,21 @@
-"""Atomic outputs: write to a temporary sibling, then rename over the target.
+"""Files in and out: atomic outputs, checked JSON reads, checksums, gzipped JSON-lines lines.
 
-A crash or an error mid-way leaves the previous file or directory untouched.
+Atomic outputs: write to a temporary sibling, then rename over the target; a crash or an error
+mid-way leaves the previous file or directory untouched.
 """
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from dexml.errors import DexmlError
 
 
 def _umask() -> int:
@@ -68,3 +73,35 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, error: type[DexmlError], missing: str = "", kind: type = dict):
+    """The JSON document in `path`, or `error` naming the file: absent (with the hint
+    `missing`, e.g. "run the export stage"), unreadable, not JSON, or not of type `kind`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found" + (f" ({missing})" if missing else ""))
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, kind):
+        raise error(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got {type(doc).__name__}")
+    return doc
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_gz_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line of a gzipped text file.
+    OSError/EOFError (not gzip, truncated) propagate to the caller, which names the file."""
+    with gzip.open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, raw

@@ -27,6 +27,21 @@ EVAL_KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3"
              "PSnDCG@1", "PSnDCG@3", "PSnDCG@5", "R@10", "R@50", "R@100")
 
 
+def label_frequencies(train_labels: sp.spmatrix) -> np.ndarray:
+    """Training points carrying each label (int64, one per column)."""
+    y = sp.csr_matrix(train_labels)
+    return np.bincount(y.indices[y.data > 0], minlength=y.shape[1]).astype(np.int64)
+
+
+def scores_to_csr(scores: np.ndarray, ids: np.ndarray, num_labels: int, dtype=np.float32) -> sp.csr_matrix:
+    """Search results (scores, ids), each (n, k), -> CSR (n, num_labels); ids < 0 (no result) dropped.
+    Built from arrays, not via COO: a stored score of 0 (or below) still is a prediction."""
+    valid = ids >= 0
+    indptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
+    return sp.csr_matrix((np.asarray(scores)[valid].astype(dtype), ids[valid].astype(np.int64), indptr),
+                         shape=(ids.shape[0], num_labels))
+
+
 def inverse_propensity(train_labels: sp.csr_matrix, a: float = 0.55, b: float = 1.5) -> np.ndarray:
     """Inverse propensities (Jain et al. 2016): 1 + C * (freq + B)^-A, C = (log N - 1)(B + 1)^A.
 
@@ -36,7 +51,7 @@ def inverse_propensity(train_labels: sp.csr_matrix, a: float = 0.55, b: float = 
     num_rows = y.shape[0]
     if num_rows == 0:
         raise DataError("inverse_propensity: the training label matrix has no rows")
-    freq = np.bincount(y.indices[y.data > 0], minlength=y.shape[1]).astype(np.float64)
+    freq = label_frequencies(y).astype(np.float64)
     c = (np.log(num_rows) - 1.0) * (b + 1.0) ** a
     return 1.0 + c * (freq + b) ** -a
 
@@ -228,7 +243,7 @@ def bucket_shares(scores, true, train_labels, k: int = 5,
     if t.shape[1] != y.shape[1]:
         raise DataError(f"bucket_shares: training labels have {t.shape[1]} columns, true labels {y.shape[1]}")
     nb = len(buckets)
-    freq = np.bincount(t.indices[t.data > 0], minlength=t.shape[1]).astype(np.int64)
+    freq = label_frequencies(t)
     by_freq = np.lexsort((np.arange(len(freq)), -freq))
     before = np.cumsum(freq[by_freq]) - freq[by_freq]
     total = freq.sum()

@@ -70,7 +70,7 @@ def test_missing_or_broken_manifest_is_refused(bundle):
     with pytest.raises(BundleError, match="not valid JSON"):
         read_manifest(bundle)
     (bundle / MANIFEST_FILE).unlink()
-    with pytest.raises(BundleError, match="manifest not found"):
+    with pytest.raises(BundleError, match=r"manifest.json: file not found"):
         verify_bundle(bundle)
 
 

@@ -18,11 +18,11 @@ from dexml.config import SyntheticParams, parse_params
 from dexml.data.dataset import FILTER_FILES, read_dataset, write_dataset
 from dexml.data.synthetic import generate
 from dexml.errors import BundleError
-from dexml.pipeline.evaluate import BUCKET_PLOT, PR_PLOT, score_matrix
+from dexml.pipeline.evaluate import BUCKET_PLOT, PR_PLOT
 from dexml.pipeline.evaluate import run as run_evaluate
 from dexml.pipeline.export import run as run_export
-from dexml.serve.bundle import verify_bundle
 from dexml.pipeline.index import run as run_index
+from dexml.serve.bundle import verify_bundle
 from dexml.serve.predictor import Predictor
 from dexml.train.model import DualEncoder
 
@@ -132,7 +132,7 @@ def test_int8_metrics_and_deltas(evaluated):
 def test_score_matrix_keeps_non_positive_scores_and_drops_missing_ids():
     scores = np.array([[0.5, 0.0, -0.2], [0.9, -np.inf, -np.inf]], np.float32)
     ids = np.array([[2, 0, 1], [3, -1, -1]])
-    m = score_matrix(scores, ids, 4)
+    m = metrics.scores_to_csr(scores, ids, 4)
     assert m.shape == (2, 4) and m.nnz == 4
     assert m[0, 0] == 0.0 and 0 in m[0].indices  # a stored zero still is a prediction
     assert metrics.top_k(m, 3).tolist() == [[2, 0, 1], [3, -1, -1]]

@@ -13,8 +13,8 @@ from dexml.config import IndexParams, parse_params
 from dexml.data.dataset import read_dataset
 from dexml.errors import BundleError, ConfigError
 from dexml.pipeline.export import run as run_export
-from dexml.serve.encoder import OnnxEncoder
 from dexml.pipeline.index import run as run_index
+from dexml.serve.encoder import OnnxEncoder
 from dexml.serve.index import (
     INDEX_FILE,
     INDEX_META,

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from dexml.config import load_params, parse_params, set_dotted
 from dexml.errors import ConfigError
-from dexml.pipeline.presets import PRESETS, as_set_args, get_preset
+from dexml.pipeline.presets import PRESETS, get_preset
 from dexml.train.loop import train
 
 

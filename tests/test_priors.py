@@ -9,14 +9,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dexml import paths
+from dexml import metrics, paths
 from dexml.config import IndexParams, ModelParams, parse_params
 from dexml.data.dataset import read_dataset, write_dataset
 from dexml.errors import BundleError, ConfigError
 from dexml.pipeline.evaluate import run as run_evaluate
 from dexml.pipeline.export import run as run_export
-from dexml.serve import priors
 from dexml.pipeline.index import run as run_index
+from dexml.serve import priors
 from dexml.serve.index import build_index
 from dexml.serve.predictor import Predictor
 from dexml.train.loop import train
@@ -147,7 +147,7 @@ def test_trained_bias_follows_label_popularity_and_unseen_labels_keep_zero(biase
     model = DualEncoder.load(root / paths.MODEL_DIR)
     assert model.meta.label_bias and model.meta.label_bias_lr_scale == 100.0
     bias = model.label_bias.values().numpy()
-    freq = priors.label_frequencies(read_dataset(params.data.dir).trn.labels)
+    freq = metrics.label_frequencies(read_dataset(params.data.dir).trn.labels)
     assert freq[UNSEEN] == 0 and bias[UNSEEN] == 0.0
     seen = freq > 0
     assert np.abs(bias[seen]).min() > 0  # every seen label moved

@@ -18,11 +18,10 @@ from dexml.config import IndexParams, parse_params
 from dexml.data.dataset import read_dataset
 from dexml.errors import BundleError
 from dexml.pipeline.evaluate import run as run_evaluate
-from dexml.pipeline.evaluate import score_matrix
 from dexml.pipeline.export import run as run_export
+from dexml.pipeline.index import run as run_index
 from dexml.serve import rae
 from dexml.serve.bundle import verify_bundle
-from dexml.pipeline.index import run as run_index
 from dexml.serve.index import (
     MEMORY_INDEX_FILE,
     MEMORY_LABELS_FILE,
@@ -212,7 +211,7 @@ def test_evaluate_ships_the_choice_and_reports_the_dual_encoder_beside_it(rae_ro
     scores, ids = predictor.rank(predictor.embed(ds.tst.titles), 10)
     shipped = metrics.xmc_metrics(sp.load_npz(root / paths.PREDICTIONS), ds.tst.labels,
                                   metrics.inverse_propensity(ds.trn.labels, *ds.propensity))
-    served = metrics.xmc_metrics(score_matrix(scores, ids, ds.num_labels), ds.tst.labels,
+    served = metrics.xmc_metrics(metrics.scores_to_csr(scores, ids, ds.num_labels), ds.tst.labels,
                                  metrics.inverse_propensity(ds.trn.labels, *ds.propensity))
     for key in metrics.EVAL_KEYS:
         assert result[key] == pytest.approx(shipped[key], abs=1e-4) == pytest.approx(served[key], abs=1e-4)

@@ -97,19 +97,18 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as gzipped UTF-8 JSON lines ({e})") from None
+        for lineno, raw in fileio.iter_gz_lines(path):
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read as gzipped JSON lines ({e})") from None
 
 
 def read_labelset(path: Path) -> LabelSet:
@@ -178,12 +177,7 @@ def read_filter(path: Path, num_rows: int | None = None, num_labels: int | None 
 
 def read_meta(root: str | Path) -> dict:
     path = Path(root) / META_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return fileio.read_json(path, DataError) if path.exists() else {}
 
 
 def read_dataset(root: str | Path) -> XMCDataset:

@@ -34,6 +34,7 @@ from dexml.config import DatasetParams
 from dexml.data import formats
 from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, write_dataset
 from dexml.errors import ConfigError, DataError
+from dexml.fileio import sha256_file
 
 CACHE_DIR = Path("cache/downloads")
 RETRIES = 5  # extra attempts after the first
@@ -176,14 +177,6 @@ def _mkdir(p: Path) -> Path:
 
 
 # --- fetching ----------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def verify_sha256(path: Path, expected: str) -> None:
     got = sha256_file(path)

@@ -18,8 +18,6 @@ Layouts:
 """
 from __future__ import annotations
 
-import gzip
-import json
 import shutil
 import stat
 import tarfile
@@ -30,7 +28,13 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from dexml.data.dataset import FILTER_FILES, LABEL_FILE, SPLIT_FILES, _write_jsonl_gz
+from dexml.data.dataset import (
+    FILTER_FILES,
+    LABEL_FILE,
+    SPLIT_FILES,
+    _write_jsonl_gz,
+    iter_jsonl,
+)
 from dexml.errors import DataError
 
 LF_FILES = (SPLIT_FILES["trn"], SPLIT_FILES["tst"], LABEL_FILE)
@@ -233,25 +237,14 @@ def wikipedia_label_name(line: str) -> str:
 def _raw_points(path: Path) -> Iterator[dict]:
     """Canonical rows from raw JSON lines; checked just enough to convert (validate does the rest)."""
     row = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise DataError(f"{path}, line {lineno}: malformed JSON ({e})") from None
-                if not isinstance(obj, dict) or "title" not in obj or "target_ind" not in obj:
-                    raise DataError(f"{path}, line {lineno}: expected a JSON object with "
-                                    f"`title` and `target_ind`")
-                out = {"uid": str(obj.get("uid", row)), "title": obj["title"]}
-                if obj.get("content"):
-                    out["content"] = obj["content"]
-                out["target_ind"] = obj["target_ind"]
-                if "target_rel" in obj:
-                    out["target_rel"] = obj["target_rel"]
-                row += 1
-                yield out
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read as gzipped JSON lines ({e})") from None
+    for lineno, obj in iter_jsonl(path):
+        if "title" not in obj or "target_ind" not in obj:
+            raise DataError(f"{path}, line {lineno}: expected a JSON object with `title` and `target_ind`")
+        out = {"uid": str(obj.get("uid", row)), "title": obj["title"]}
+        if obj.get("content"):
+            out["content"] = obj["content"]
+        out["target_ind"] = obj["target_ind"]
+        if "target_rel" in obj:
+            out["target_rel"] = obj["target_rel"]
+        row += 1
+        yield out

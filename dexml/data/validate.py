@@ -12,7 +12,6 @@ evaluation keeps them) and counted.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass, field
@@ -64,19 +63,16 @@ def _objects(path: Path, res: FileResult):
         res.read_error = "file not found"
         return
     try:
-        with gzip.open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                res.lines += 1
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    obj = None
-                if isinstance(obj, dict):
-                    yield lineno, obj
-                else:
-                    res.malformed.append(lineno)
+        for lineno, raw in fileio.iter_gz_lines(path):
+            res.lines += 1
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                obj = None
+            if isinstance(obj, dict):
+                yield lineno, obj
+            else:
+                res.malformed.append(lineno)
     except (OSError, EOFError) as e:
         res.read_error = f"cannot read as gzipped JSON lines ({e})"
 

@@ -40,15 +40,6 @@ BUCKET_PLOT = "buckets.csv"
 PLOT_MAX_K = 100
 
 
-def score_matrix(scores: np.ndarray, ids: np.ndarray, num_labels: int) -> sp.csr_matrix:
-    """faiss (scores, ids), each (n, k), -> CSR (n, num_labels); -1 ids (no result) dropped."""
-    valid = ids >= 0
-    indptr = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int64)
-    # Built from arrays, not via COO: a stored score of 0 (or below) still is a prediction.
-    return sp.csr_matrix((scores[valid].astype(np.float32), ids[valid].astype(np.int64), indptr),
-                         shape=(ids.shape[0], num_labels))
-
-
 def score_test_set(predictor: Predictor, ds: XMCDataset,
                    params: Params) -> tuple[sp.csr_matrix, dict, sp.csr_matrix]:
     """Filtered top-K score matrices for ds.tst: as `predictor` ranks (with its `rae` settings,
@@ -64,14 +55,14 @@ def score_test_set(predictor: Predictor, ds: XMCDataset,
     n = len(texts)
     throughput = {"num_queries": n, "encode_seconds": round(encode_s, 4), "search_seconds": round(search_s, 4),
                   "encode_qps": round(n / max(encode_s, 1e-9), 1), "search_qps": round(n / max(search_s, 1e-9), 1)}
-    de_matrix = metrics.filter_predictions(score_matrix(scores, ids, ds.num_labels), ds.filter_tst)
+    de_matrix = metrics.filter_predictions(metrics.scores_to_csr(scores, ids, ds.num_labels), ds.filter_tst)
     if predictor.rae is None:
         return de_matrix, throughput, de_matrix
     start = time.perf_counter()
     scores, ids = predictor.rank(emb, params.evaluate.k)  # label search again + memory search + mix
     rae_s = time.perf_counter() - start
     throughput.update({"rae_seconds": round(rae_s, 4), "rae_qps": round(n / max(rae_s, 1e-9), 1)})
-    return metrics.filter_predictions(score_matrix(scores, ids, ds.num_labels), ds.filter_tst), throughput, de_matrix
+    return metrics.filter_predictions(metrics.scores_to_csr(scores, ids, ds.num_labels), ds.filter_tst), throughput, de_matrix
 
 
 def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.ndarray) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Iterator
 from dexml import paths
 from dexml.config import FlowParams
 from dexml.errors import BundleError, ConfigError, DexmlError
+from dexml.fileio import read_json
 from dexml.serve.bundle import MANIFEST_FILE, read_manifest, verify_bundle
 
 RELEASES = "releases"
@@ -266,7 +266,7 @@ def read_data_stats(release: Path | None) -> dict | None:
     if path is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_json(path, BundleError)
+    except BundleError:
         return None
 

@@ -13,25 +13,16 @@ No torch here (the predictor verifies bundles).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 from pathlib import Path
 
 from dexml import fileio
 from dexml.errors import BundleError
+from dexml.fileio import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 CHECKED_DIRS = ("encoder", "index")
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundle_files(bundle_dir: str | Path) -> list[str]:
@@ -82,13 +73,8 @@ def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metric
 
 def read_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / MANIFEST_FILE
-    if not path.exists():
-        raise BundleError(f"{path}: manifest not found; not a complete bundle (the evaluate stage writes it)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+    manifest = fileio.read_json(path, BundleError, "not a complete bundle: the evaluate stage writes the manifest")
+    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise BundleError(f"{path}: expected a JSON object with a non-empty `files` map of sha256 checksums")
     return manifest
 

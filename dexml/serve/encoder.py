@@ -11,12 +11,12 @@ Each graph takes int64 `input_ids` and `attention_mask` (batch, seq) and returns
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dexml.errors import BundleError
+from dexml.fileio import read_json
 
 ENCODER_META = "encoder.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -38,14 +38,9 @@ def ort_providers(allow_gpu: bool = True) -> list[str]:
 
 def read_encoder_meta(encoder_dir: str | Path) -> dict:
     path = Path(encoder_dir) / ENCODER_META
-    if not path.exists():
-        raise BundleError(f"{path}: file not found (run the export stage)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
-    if missing or not all(s in meta["files"] for s in SIDES):
+    meta = read_json(path, BundleError, "run the export stage")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not isinstance(meta["files"], dict) or not all(s in meta["files"] for s in SIDES):
         raise BundleError(f"{path}: expected keys {', '.join(_META_KEYS)} with files for "
                           f"{' and '.join(SIDES)}; missing {', '.join(missing) or 'a side in `files`'}")
     return meta

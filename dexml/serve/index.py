@@ -145,18 +145,14 @@ def write_index_dir(out_dir: str | Path, index, info: dict, uids: list[str], tit
 def load_index(index_dir: str | Path):
     """-> (faiss index, info) with the saved search params applied."""
     index_dir = Path(index_dir)
-    for name in (INDEX_FILE, INDEX_META):
-        if not (index_dir / name).exists():
-            raise BundleError(f"{index_dir / name}: file not found (run the index stage)")
-    try:
-        info = json.loads((index_dir / INDEX_META).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{index_dir / INDEX_META}: not valid JSON ({e})") from None
+    info = fileio.read_json(index_dir / INDEX_META, BundleError, "run the index stage")
+    if not (index_dir / INDEX_FILE).exists():
+        raise BundleError(f"{index_dir / INDEX_FILE}: file not found (run the index stage)")
     try:
         index = faiss.read_index(str(index_dir / INDEX_FILE))
     except RuntimeError as e:
         raise BundleError(f"{index_dir / INDEX_FILE}: faiss cannot read it ({str(e).strip()[:200]})") from None
-    if not isinstance(info, dict) or index.ntotal != info.get("num_labels") or index.d != info.get("dim"):
+    if index.ntotal != info.get("num_labels") or index.d != info.get("dim"):
         raise BundleError(f"{index_dir / INDEX_FILE}: holds {index.ntotal} vectors of size {index.d}, but "
                           f"{INDEX_META} expects num_labels/dim {info.get('num_labels')}/{info.get('dim')}")
     configure_search(index, info.get("search", {}))

@@ -17,18 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from dexml.errors import BundleError
 
 BIAS_FILE = "label_bias.safetensors"
 QUERY_CONSTANT = 1.0  # appended to every query embedding of a folded index
-
-
-def label_frequencies(train_labels: sp.spmatrix) -> np.ndarray:
-    """Training points carrying each label (int64, one per column)."""
-    y = sp.csr_matrix(train_labels)
-    return np.bincount(y.indices[y.data > 0], minlength=y.shape[1]).astype(np.int64)
 
 
 def write_label_bias(path: str | Path, bias: np.ndarray, trained: np.ndarray) -> None:

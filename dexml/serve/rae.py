@@ -67,11 +67,9 @@ def softmax_rows(scores: np.ndarray, ids: np.ndarray, temperature: float) -> np.
 
 
 def _csr(values: np.ndarray, ids: np.ndarray, num_cols: int) -> sp.csr_matrix:
-    """(n, K) values at (n, K) column ids -> CSR (n, num_cols); ids < 0 dropped, zeros kept."""
-    valid = ids >= 0
-    indptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
-    out = sp.csr_matrix((values[valid].astype(np.float64), ids[valid].astype(np.int64), indptr),
-                        shape=(ids.shape[0], num_cols))
+    """(n, K) values at (n, K) column ids -> CSR (n, num_cols), float64; ids < 0 dropped, zeros
+    kept, repeated ids summed."""
+    out = metrics.scores_to_csr(values, ids, num_cols, dtype=np.float64)
     out.sum_duplicates()
     return out
 

@@ -124,7 +124,7 @@ def embed_tokens(encode, tok: TokenizedTexts, rows, device, batch_size: int = 25
 @torch.no_grad()
 def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix, device, autocast, k: int = 5) -> dict:
     """P@1 / P@5 (percent) of exact retrieval over all labels, for model selection."""
-    from dexml.metrics import xmc_metrics
+    from dexml.metrics import scores_to_csr, xmc_metrics
 
     model.eval()
     labels = embed_tokens(model.encode_labels, label_tok, np.arange(len(label_tok)), device, autocast=autocast)
@@ -137,9 +137,7 @@ def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix,
         vals.append(top.values.cpu())
         inds.append(top.indices.cpu())
     vals, inds = torch.cat(vals).numpy(), torch.cat(inds).numpy()
-    n = len(q_rows)
-    pred = sp.csr_matrix((vals.ravel() + 1e-6, inds.ravel(), np.arange(n + 1) * inds.shape[1]), shape=y_val.shape)
-    m = xmc_metrics(pred, y_val, None, ks=(1, 5), recall_ks=(5,))
+    m = xmc_metrics(scores_to_csr(vals, inds, y_val.shape[1]), y_val, None, ks=(1, 5), recall_ks=(5,))
     return {"P@1": m["P@1"], "P@5": m["P@5"]}
 
 

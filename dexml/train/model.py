@@ -20,6 +20,7 @@ from torch import nn
 
 from dexml.config import ModelParams
 from dexml.errors import ConfigError
+from dexml.metrics import label_frequencies
 from dexml.serve import priors
 
 # Library chatter (load reports, progress bars) drowns the stage logs.
@@ -239,7 +240,7 @@ class DualEncoder(nn.Module):
             if train_labels is None:
                 raise ConfigError("params key `model.label_bias`: the model needs the training label matrix "
                                   "to size the per-label bias")
-            trained = torch.from_numpy(priors.label_frequencies(train_labels) > 0)
+            trained = torch.from_numpy(label_frequencies(train_labels) > 0)
             bias = LabelBias(trained, p.label_bias_lr_scale)
         return cls(query, label, meta, tokenizer, bias)
 
