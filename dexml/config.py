@@ -61,7 +61,7 @@ class ModelParams:
     normalize: bool = True
     tau: float = 0.05
     query_max_len: int = 32
-    label_max_len: int = 32
+    label_max_len: int = 16
     # One learned score offset per label (a popularity prior), folded into the label vectors
     # at the index stage; labels without a training positive keep 0 (dexml/serve/priors.py).
     label_bias: bool = False
@@ -78,7 +78,7 @@ class LossParams:
 @dataclass
 class NegativesParams:
     mode: Literal["all", "in-batch", "hard"] = "all"
-    label_chunk: int = 256  # labels encoded per chunk in `all` mode (gradient caching)
+    label_chunk: int = 128  # labels encoded per chunk in `all` mode (gradient caching)
     num_hard: int = 8
     shortlist: int = 50
     refresh_every: int = 1  # epochs
@@ -87,7 +87,7 @@ class NegativesParams:
 @dataclass
 class TrainParams:
     epochs: int = 2
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of steps

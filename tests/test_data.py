@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,28 @@ def test_load_params_applies_dotted_overrides(tmp_path):
     assert p.dataset.synthetic.seed == 7 and p.data.dir == "data/y"
     with pytest.raises(ConfigError, match=r"p.yaml: unknown params key\(s\) `data.nope`"):
         load_params(tmp_path / "p.yaml", {"data.nope": 1})
+
+
+def test_params_yaml_and_the_dataclass_defaults_agree():
+    """One source of truth: every key in params.yaml holds the dataclass default, and every
+    dataclass field is in params.yaml (so a default changed in one place fails here)."""
+    import yaml
+
+    from dexml.config import Params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    defaults = Params().to_dict()
+    differences = []
+
+    def walk(written, default, prefix=""):
+        for key in sorted(set(written) | set(default)):
+            where = f"{prefix}{key}"
+            if key not in written or key not in default:
+                differences.append(f"{where}: only in {'the dataclass' if key in default else 'params.yaml'}")
+            elif isinstance(default[key], dict) and where != "flow.guarded":
+                walk(written[key], default[key], where + ".")
+            elif written[key] != default[key]:
+                differences.append(f"{where}: params.yaml {written[key]!r}, dataclass {default[key]!r}")
+
+    walk(raw, defaults)
+    assert not differences, differences

@@ -42,6 +42,22 @@ def test_cli_prints_set_args_that_round_trip(tmp_path):
     assert load_params(params).train.batch_size == 512
 
 
+def test_apply_keeps_the_params_files_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = (REPO / "params.yaml").read_text()
+    subprocess.run([sys.executable, "-m", "dexml.cli", "preset", "EURLex-4K", "--apply", "--params", str(params)],
+                   check=True, capture_output=True)
+    after = params.read_text()
+    comments = [line.split("#", 1)[1].strip() for line in before.splitlines() if "#" in line]
+    assert comments and all(c in after for c in comments)
+    assert load_params(params).model.query_max_len == 128
+    # only the preset's keys changed: every other line is as it was
+    changed = set(before.splitlines()) - set(after.splitlines())
+    preset_leaves = {k.rsplit(".", 1)[1] for k in PRESETS["EURLex-4K"]}
+    assert all(line.split(":")[0].strip() in preset_leaves for line in changed), changed
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_each_preset_starts_training_with_a_tiny_stand_in(name, tiny_params, tiny_dataset_dir, tmp_path):
     raw = tiny_params()

@@ -72,12 +72,39 @@ def main(args, params=None) -> int:
     if not args.apply:
         print(" ".join(as_set_args(overrides)))
         return 0
-    from dexml import fileio
-
-    with open(args.params) as f:
-        raw = yaml.safe_load(f) or {}
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    fileio.write_text(args.params, yaml.safe_dump(raw, sort_keys=False))
+    apply_to_file(args.params, overrides)
     print(f"preset {args.name} written to {args.params}", file=sys.stderr)
     return 0
+
+
+def _yaml11_float(representer, value: float):
+    """Floats the way YAML 1.1 readers (PyYAML, which loads params.yaml) parse back as floats:
+    `5.0e-05`, never `5e-05` (a string to them)."""
+    text = repr(float(value))
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+def apply_to_file(params_file, overrides: dict) -> None:
+    """Write `overrides` (dotted keys) into a params file, keeping its comments and layout
+    (ruamel.yaml round trip, installed with DVC); atomic."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from dexml import fileio
+
+    yaml_rt = YAML()  # round-trip mode: comments, key order and quoting survive
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # never re-wrap long lines
+    yaml_rt.representer.add_representer(float, _yaml11_float)
+    yaml_rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    with open(params_file, encoding="utf-8") as f:
+        doc = yaml_rt.load(f)
+    for key, value in overrides.items():
+        set_dotted(doc, key, value)
+    out = io.StringIO()
+    yaml_rt.dump(doc, out)
+    fileio.write_text(params_file, out.getvalue())
