@@ -269,19 +269,18 @@ def main(argv=None) -> dict:
     if args.test_max:
         ds.tst = ds.tst.subset(list(range(min(args.test_max, len(ds.tst)))))
         ds.filter_tst = ds.filter_tst[ds.filter_tst[:, 0] < len(ds.tst)]
-    from dexml.serve import rae
-
-    val_rows = rae.validation_rows(len(ds.trn), args.seed, 0.1, 2000)  # the train stage's held-out rows
     settings = {"dataset": ds.name, "data": str(args.data), "train_points": len(ds.trn), "test_points": len(ds.tst),
                 "labels": ds.num_labels, "text": text, "encoder": args.encoder, "variants": variants,
-                "validation_points": len(val_rows), "args": vars(args),
+                "args": vars(args),
                 "search": "exact inner product (torch), top-100; RAE over the top rae-k labels and training queries"}
     out = Path(args.out) if args.out else common.default_out("head_tail", device)
     results = common.Results(out, "head_tail", device, settings)
     rows = []
 
     for variant in variants:
+        from dexml import paths
         from dexml.config import parse_params
+        from dexml.pipeline.evaluate import read_heldout_rows
         from dexml.train.loop import train
         from dexml.train.model import DualEncoder
 
@@ -294,7 +293,9 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         t = train(parse_params(copy.deepcopy(raw)), root)
         wall = time.perf_counter() - start
-        model = DualEncoder.load(root / "models" / "encoder")
+        model = DualEncoder.load(root / paths.MODEL_DIR)
+        val_rows = read_heldout_rows(root / paths.HELDOUT_ROWS, len(ds.trn))  # tune RAE on train's held-out rows
+        results.doc["settings"]["validation_points"] = len(val_rows)
         scale = model.meta.tau / 0.05
         temperatures = [round(x * scale, 6) for x in floats(args.temperatures)]
         for row in score_variant(model, ds, text, device, args, val_rows, temperatures):

@@ -5,6 +5,7 @@ TOKEN_CACHE_DIR = "cache/tokens"  # train: memory-mapped token ids, keyed by tex
 MODEL_DIR = "models/encoder"  # train: HF + sentence-transformers format + dexml_encoder.json
 CHECKPOINT_DIR = "checkpoints/train"  # train: resumable state (not a DVC output)
 TRAIN_METRICS = "metrics/train.json"
+HELDOUT_ROWS = "models/heldout_rows.json"  # train: the training rows held out for validation
 TRAIN_PLOTS = "plots/train"  # loss.csv (per step), val.csv (per epoch)
 BUNDLE_DIR = "artifacts/bundle"
 BUNDLE_ENCODER = "artifacts/bundle/encoder"  # export: ONNX encoder(s), tokenizer, export report

@@ -58,3 +58,16 @@ def tiny_params(tiny_encoder):
         return raw
 
     return make
+
+
+def write_heldout_rows(root: Path, data_dir: Path, fraction: float = 0.1) -> None:
+    """What the train stage writes beside its model: the training rows it held out (for tests that
+    build a model without training it)."""
+    import numpy as np
+
+    from dexml import fileio, paths
+    from dexml.data.dataset import read_dataset, split_validation
+
+    n = len(read_dataset(data_dir).trn)
+    rows = split_validation(np.random.default_rng(0), n, fraction, 2000)[0]
+    fileio.write_json(Path(root) / paths.HELDOUT_ROWS, {"num_train": n, "rows": rows.tolist()})

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from conftest import write_heldout_rows
+
 from dexml import metrics, paths
 from dexml.config import IndexParams, parse_params
 from dexml.data.dataset import read_dataset
@@ -115,10 +117,8 @@ def test_exclude_self_drops_the_query_itself_or_the_last_neighbour():
     np.testing.assert_array_equal(s, np.float32([[0.9, 0.7], [0.9, 0.8], [0.9, 0.1]]))
 
 
-def test_validation_rows_and_their_filter_pairs():
-    rows = rae.validation_rows(1000, seed=0, fraction=0.1, max_points=30)
-    assert len(rows) == 30 and (np.diff(rows) > 0).all()
-    assert rae.validation_rows(1000, 0, 0.1, 30).tolist() == rows.tolist()  # deterministic
+def test_filter_pairs_of_validation_rows():
+    rows = np.sort(np.random.default_rng(0).choice(1000, 30, replace=False))
     pairs = np.array([[rows[3], 5], [rows[3] + 1 if rows[3] + 1 not in rows else 0, 6], [rows[0], 2]])
     kept = rae.rows_filter(pairs, rows)
     assert sorted(map(tuple, kept.tolist())) == [(0, 2), (3, 5)]
@@ -172,6 +172,7 @@ def rae_root(tmp_path_factory, tiny_encoder, tiny_dataset_dir):
         "rae": {"enabled": True, "k": 8, "lambdas": [0.5], "temperatures": [0.05, 0.2]},
     })
     DualEncoder.from_params(params.model).save(root / paths.MODEL_DIR)
+    write_heldout_rows(root, tiny_dataset_dir)
     for stage in (run_export, run_index, run_evaluate):
         stage(params, root)
     return root, params
@@ -266,6 +267,7 @@ def test_lambda_zero_ships_the_dual_encoder_alone(rae_root, tmp_path):
     root, params = rae_root
     copy = tmp_path / "root"
     shutil.copytree(root / paths.BUNDLE_DIR, copy / paths.BUNDLE_DIR)
+    shutil.copytree(root / "models", copy / "models")
     raw = params.to_dict()
     raw["rae"]["lambdas"] = [0.0]
     result = run_evaluate(parse_params(raw), copy)
@@ -314,3 +316,20 @@ def test_head_tail_latency_mode_times_both_paths(rae_root, tiny_dataset_dir, tmp
     (row,) = doc["rows"]
     assert row["queries"] == 5 and row["with_rae"]["p50_ms"] > 0 and row["without_rae"]["p50_ms"] > 0
     assert row["memory"]["num_queries"] == 400 and row["rae"]["k"] == 8
+
+
+def test_tuning_reads_the_rows_train_held_out_and_refuses_foreign_ones(rae_root, tmp_path):
+    from dexml import fileio
+    from dexml.pipeline.evaluate import read_heldout_rows
+
+    root, params = rae_root
+    n = len(read_dataset(params.data.dir).trn)
+    rows = read_heldout_rows(root / paths.HELDOUT_ROWS, n)
+    assert len(rows) == max(1, int(n * params.train.val_fraction)) and (np.diff(rows) > 0).all()
+    bad = tmp_path / "heldout.json"
+    fileio.write_json(bad, {"num_train": n + 1, "rows": rows.tolist()})
+    with pytest.raises(BundleError, match=rf"heldout.json: expected the held-out rows of a training split of {n} "):
+        read_heldout_rows(bad, n)
+    fileio.write_json(bad, {"num_train": n, "rows": [n]})
+    with pytest.raises(BundleError, match="rerun train"):
+        read_heldout_rows(bad, n)

@@ -31,6 +31,7 @@ from dexml import fileio, metrics, paths
 from dexml.config import Params
 from dexml.data.dataset import XMCDataset, read_dataset
 from dexml.errors import BundleError
+from dexml.fileio import read_json
 from dexml.serve import rae
 from dexml.serve.bundle import git_revision, write_manifest
 from dexml.serve.predictor import Predictor
@@ -65,11 +66,22 @@ def score_test_set(predictor: Predictor, ds: XMCDataset,
     return metrics.filter_predictions(metrics.scores_to_csr(scores, ids, ds.num_labels), ds.filter_tst), throughput, de_matrix
 
 
-def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.ndarray) -> dict:
+def read_heldout_rows(path: Path, num_train: int) -> np.ndarray:
+    """The training rows the train stage held out for validation (its output models/heldout_rows.json)."""
+    doc = read_json(path, BundleError, "written by the train stage; rerun it")
+    rows = doc.get("rows")
+    if (doc.get("num_train") != num_train or not isinstance(rows, list) or not rows
+            or not all(isinstance(r, int) and 0 <= r < num_train for r in rows)):
+        raise BundleError(f"{path}: expected the held-out rows of a training split of {num_train} points "
+                          f"(num_train {doc.get('num_train')!r}); the model was trained on other data: rerun train")
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.ndarray, heldout_file: Path) -> dict:
     """Choose lambda and T on the training queries the train stage held out (never the test
     split); each is removed from its own neighbours (it is in the memory)."""
     p = params.rae
-    rows = rae.validation_rows(len(ds.trn), params.train.seed, params.train.val_fraction, params.train.val_max_points)
+    rows = read_heldout_rows(heldout_file, len(ds.trn))
     texts = ds.trn.texts(params.data.query_text)
     emb = predictor.embed([texts[i] for i in rows], "query", batch_size=params.evaluate.batch_size)
     label_scores, label_ids = predictor.search(emb, p.k)
@@ -84,7 +96,7 @@ def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.
                            "without_rae": {k: round(de_only[k], 4) for k in pick} if de_only else None}}
 
 
-def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path):
+def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path, heldout_file: str | Path):
     """-> (eval dict, score matrix, P@k, R@k, buckets, dataset) without writing anything."""
     ds = read_dataset(data_dir)
     gpu = params.index.use_gpu == "auto"
@@ -98,7 +110,7 @@ def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path
         if predictor.memory[1].shape[0] != len(ds.trn):
             raise BundleError(f"{Path(bundle_dir) / 'index'}: the memory holds {predictor.memory[1].shape[0]} "
                               f"training queries, the dataset {data_dir} has {len(ds.trn)} (rerun the index stage)")
-        choice = tune_rae(predictor, ds, params, inv_prop)
+        choice = tune_rae(predictor, ds, params, inv_prop, heldout_file)
         if choice["lambda"] > 0:  # lambda 0 ranks as the dual encoder: ship without the memory
             predictor.rae = rae.RaeSettings(choice["lambda"], choice["temperature"], choice["k"])
     matrix, throughput, de_matrix = score_test_set(predictor, ds, params)
@@ -132,7 +144,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
     """The stage; returns what metrics/eval.json holds."""
     root = Path(root)
     bundle_dir = root / paths.BUNDLE_DIR
-    result, matrix, p_at_k, r_at_k, buckets, ds = evaluate_bundle(params, bundle_dir, root / params.data.dir)
+    result, matrix, p_at_k, r_at_k, buckets, ds = evaluate_bundle(params, bundle_dir, root / params.data.dir,
+                                                                   root / paths.HELDOUT_ROWS)
     # Everything is computed before the first write; each file is replaced atomically.
     _save_npz(root / paths.PREDICTIONS, matrix)
     fileio.write_text(root / paths.EVAL_PLOTS / PR_PLOT, "k,P@k,R@k\n" + "".join(

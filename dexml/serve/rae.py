@@ -30,7 +30,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml import metrics
-from dexml.data.dataset import split_validation
 from dexml.errors import BundleError
 
 
@@ -125,13 +124,6 @@ def exclude_self(nb_scores: np.ndarray, nb_ids: np.ndarray, own_rows: np.ndarray
     n, width = nb_ids.shape
     keep = ~first
     return nb_scores[keep].reshape(n, width - 1), nb_ids[keep].reshape(n, width - 1)
-
-
-def validation_rows(num_train: int, seed: int, fraction: float, max_points: int) -> np.ndarray:
-    """The training rows the train stage holds out for validation (dexml.data.split_validation
-    from a generator seeded like the train stage's), sorted: queries the model never trained on,
-    to tune lambda and T without touching the test split."""
-    return split_validation(np.random.default_rng(seed), num_train, fraction, max_points)[0]
 
 
 def rows_filter(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -330,6 +330,8 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
         _write_csv(plots / "loss.csv", ["step", "loss", "lr"], history["loss"])
         _write_csv(plots / "val.csv", ["epoch", "P@1", "P@5"], history["val"])
         fileio.write_json(root / paths.TRAIN_METRICS, metrics)
+        # The held-out rows are a contract: evaluate tunes retrieval augmentation on exactly these.
+        fileio.write_json(root / paths.HELDOUT_ROWS, {"num_train": len(ds.trn), "rows": val_rows.tolist()})
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
     ctx.barrier()
     return metrics
