@@ -1,11 +1,14 @@
 """The package layout keeps its promises: the serving side never imports torch, parameters
-flow down from the CLI (nothing under dexml/ imports it), and no two modules import each other."""
+flow down from the CLI (nothing under dexml/ imports it), no two modules import each other, and a
+missing optional package is named with the extra that provides it."""
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dexml"
@@ -59,3 +62,27 @@ def test_serving_side_never_imports_the_training_side():
     offenders = [(m, i) for m, p in MODULES.items() if m.startswith("dexml.serve")
                  for i in dexml_imports(p) if i.startswith(("dexml.train", "dexml.pipeline"))]
     assert not offenders, f"dexml.serve must stand alone (torch-free, no pipeline): {offenders}"
+
+
+def _without(module: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`dexml ARGV` in a fresh interpreter in which `module` cannot be imported."""
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from dexml.cli import main\n"
+            f"sys.exit(main({argv!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
+
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("faiss", ["index"]),
+    ("faiss", ["evaluate"]),
+    ("faiss", ["predict", "--bundle", "nowhere", "a text"]),
+    ("onnxruntime", ["export"]),
+    ("onnxruntime", ["predict", "--bundle", "nowhere", "a text"]),
+])
+def test_a_missing_optional_dependency_names_the_extra_at_every_entry_point(module, argv, tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    proc = _without(module, argv, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"{module} is not installed: pip install 'dexml[cpu]'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -20,9 +20,11 @@ import numpy as np
 from dexml import fileio, paths
 from dexml.config import DataParams, ExportParams, Params
 from dexml.data.dataset import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
-from dexml.errors import ConfigError, DexmlError
+from dexml.errors import ConfigError, DexmlError, require_optional
 from dexml.serve import priors
 from dexml.serve.encoder import ENCODER_META, INPUT_NAMES, OUTPUT_NAME, OnnxEncoder
+
+onnxruntime = require_optional("onnxruntime")  # at import: `dexml export` fails first thing without it
 
 REPORT_FILE = "export_report.json"
 # Inputs that stress the tokenizer settings: empty, case/accents, truncation, odd whitespace.
@@ -59,12 +61,13 @@ def _export_tower(tower, example: dict, out: Path, opset: int) -> None:
 
 
 def _quantize(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantization = require_optional("onnxruntime.quantization")
 
     # per_channel: default per-tensor int8 cost ~0.05 cosine on MiniLM (stack notes).
     logging.disable(logging.WARNING)  # a root-logger hint about optional pre-processing
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+        quantization.quantize_dynamic(str(src), str(dst), per_channel=True,
+                                     weight_type=quantization.QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
 
@@ -72,7 +75,6 @@ def _quantize(src: Path, dst: Path) -> None:
 def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportParams,
                    texts: dict[str, list[str]]) -> dict:
     """Export, check parity on `texts` ({"query": [...], "label": [...]}), return the report."""
-    import onnxruntime
     import torch
 
     from dexml.train.model import DualEncoder

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dexml.errors import BundleError
+from dexml.errors import BundleError, require_optional
 from dexml.fileio import read_json
+
+ort = require_optional("onnxruntime")
 
 ENCODER_META = "encoder.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -29,8 +31,6 @@ _META_KEYS = ("pooling", "normalize", "dim", "tau", "query_max_len", "label_max_
 
 def ort_providers(allow_gpu: bool = True) -> list[str]:
     """CUDA when onnxruntime-gpu is installed (it falls back to CPU without a usable GPU), else CPU."""
-    import onnxruntime as ort
-
     if allow_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -54,7 +54,6 @@ class OnnxEncoder:
     """
 
     def __init__(self, encoder_dir: str | Path, int8: bool = False, allow_gpu: bool = True):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.dir = Path(encoder_dir)

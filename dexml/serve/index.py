@@ -22,15 +22,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-try:
-    import faiss
-except ImportError:  # the CPU and GPU builds are separate extras (pip extras cannot swap packages)
-    raise ImportError("faiss is not installed: pip install 'dexml[cpu]' (faiss-cpu, onnxruntime) "
-                      "or, on a GPU machine, 'dexml[gpu]' (faiss-gpu, onnxruntime-gpu)") from None
-
 from dexml import fileio
 from dexml.config import IndexParams
-from dexml.errors import BundleError, ConfigError, DataError
+from dexml.errors import BundleError, ConfigError, DataError, require_optional
+
+faiss = require_optional("faiss")
 
 INDEX_FILE = "labels.faiss"
 LABELS_FILE = "labels.jsonl"
