@@ -115,9 +115,26 @@ class ExportParams:
     parity_texts: int = 64  # held-out test queries and labels compared with PyTorch (+ edge cases)
 
 
+@dataclass(frozen=True)
+class IndexType:
+    factory: str  # faiss index factory string, filled in from the index.* params
+    help: str
+
+
+# index.type: one of these names, or any faiss index factory string (every index faiss has, e.g.
+# "HNSW32,Flat" or the re-ranked IVF-PQ "IVF4096,PQ48x4fs,RFlat"); the index is inner product.
+INDEX_TYPES = {
+    "auto": IndexType("", "flat up to index.auto_flat_max labels, hnsw beyond"),
+    "flat": IndexType("Flat", "exact search"),
+    "hnsw": IndexType("HNSW{hnsw_m},Flat", "graph search; index.hnsw_m, hnsw_ef_construction, hnsw_ef_search"),
+    "ivfpq": IndexType("IVF{nlist},PQ{pq_m}x{nbits}",
+                       "inverted lists + product quantization; index.ivf_nlist, ivf_nprobe, pq_m"),
+}
+
+
 @dataclass
 class IndexParams:
-    type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    type: str = "auto"  # a name in INDEX_TYPES or a faiss index factory string
     auto_flat_max: int = 200_000  # auto: exact search up to this many labels, HNSW beyond
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
@@ -125,6 +142,7 @@ class IndexParams:
     ivf_nlist: int = 0  # 0 = about 4 * sqrt(num_labels)
     ivf_nprobe: int = 32
     pq_m: int = 0  # 0 = d / 4 sub-quantizers (d must divide)
+    refine_k_factor: float = 4.0  # factory strings with a refinement stage (",RFlat"): candidates re-ranked per result
     use_gpu: Literal["auto", "off"] = "auto"
     batch_size: int = 256  # labels per ONNX encoder call
 
@@ -297,8 +315,27 @@ def _check(p: Params) -> None:
     from dexml.metrics import EVAL_KEYS  # numpy only
 
     need(r.metric in EVAL_KEYS, "rae.metric", f"one of {list(EVAL_KEYS)}", r.metric)
+    need(p.index.type in INDEX_TYPES or _faiss_can_parse(p.index.type), "index.type",
+         f"one of {list(INDEX_TYPES)} or a faiss index factory string such as \"HNSW32,Flat\"", p.index.type)
+    need(p.index.refine_k_factor >= 1, "index.refine_k_factor", "a number >= 1", p.index.refine_k_factor)
     for key in ("ivf_nlist", "pq_m"):
         need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))
+
+
+def _faiss_can_parse(factory: str) -> bool:
+    """Whether faiss's index factory parses `factory` (sizes are checked by the index stage, which
+    knows the dimension); True without faiss installed (the index stage will say)."""
+    if not isinstance(factory, str) or not factory.strip():
+        return False
+    try:
+        import faiss
+    except ImportError:
+        return True
+    try:
+        faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        return "index_factory" not in str(e)  # a parse error, not a dimension constraint
+    return True
 
 
 def parse_params(raw: dict | None) -> Params:

@@ -135,3 +135,42 @@ def test_index_stage_needs_the_export(tmp_path, tiny_params, tiny_dataset_dir):
     params = parse_params(tiny_params(data={"dir": str(tiny_dataset_dir)}))
     with pytest.raises(BundleError, match="encoder.json: file not found .run the export stage"):
         run_index(params, tmp_path)
+
+
+def test_a_faiss_factory_string_builds_that_index_with_its_search_params():
+    """index.type takes faiss's own convention: here the re-ranked IVF-PQ, which the named ivfpq
+    type lacks; refinement with the exact vectors brings recall back to (near) exact."""
+    rng = np.random.default_rng(5)
+    x, q = _unit(rng, 3000), _unit(rng, 100)
+    p = IndexParams(type="IVF32,PQ8x4fs,RFlat", ivf_nprobe=32, refine_k_factor=32)  # all lists probed: PQ is the loss
+    index, info = build_index(x, p)
+    assert info["factory"] == "IVF32,PQ8x4fs,RFlat" and info["search"] == {"nprobe": 32, "k_factor": 32.0}
+    assert isinstance(index, faiss.IndexRefine) or "Refine" in type(faiss.downcast_index(index)).__name__
+    _, ids = index.search(q, 10)
+    exact = _exact_top(x, q, 10)
+    refined = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+    plain, _ = build_index(x, IndexParams(type="IVF32,PQ8x4fs", ivf_nprobe=32))
+    _, ids_plain = plain.search(q, 10)
+    unrefined = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_plain, exact)])
+    assert refined >= 0.95 and unrefined < 0.5  # random vectors: the worst case for PQ alone
+
+
+def test_named_types_are_factory_strings_and_bad_strings_name_the_key(tmp_path):
+    x = _unit(np.random.default_rng(6), 400)
+    assert build_index(x, IndexParams(type="flat"))[1]["factory"] == "Flat"
+    assert build_index(x, IndexParams(type="hnsw", hnsw_m=8))[1]["factory"] == "HNSW8,Flat"
+    with pytest.raises(ConfigError, match=r"index.type.*faiss index factory string"):
+        parse_params({"index": {"type": "HNSW32,Bogus"}})
+    with pytest.raises(ConfigError, match=r"index.type.*more than the 400 vectors"):
+        build_index(x, IndexParams(type="IVF1024,Flat"))
+    with pytest.raises(ConfigError, match=r"index.type.*cannot build 'IVF4,PQ5'.*size 32"):
+        build_index(x, IndexParams(type="IVF4,PQ5"))
+
+
+def test_a_saved_factory_index_reloads_with_its_search_params(tmp_path):
+    x = _unit(np.random.default_rng(7), 2000)
+    index, info = build_index(x, IndexParams(type="IVF16,PQ8x4fs,RFlat", ivf_nprobe=4, refine_k_factor=3))
+    write_index_dir(tmp_path / "index", index, info, [str(i) for i in range(2000)], ["t"] * 2000)
+    loaded, loaded_info = load_index(tmp_path / "index")
+    assert faiss.extract_index_ivf(loaded).nprobe == 4
+    assert faiss.downcast_index(loaded).k_factor == 3.0

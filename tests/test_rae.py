@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
 from conftest import write_heldout_rows
 
 from dexml import metrics, paths

@@ -10,8 +10,9 @@ An index directory (artifacts/bundle/index/, written by the index stage, dexml.p
     queries.faiss, queries_labels.npz   with rae.enabled: the training queries' embeddings
                    (faiss id = training row) and their label rows (CSR), the memory of
                    retrieval-augmented prediction (dexml.serve.rae)
-Types: exact (IndexFlatIP), HNSW (IndexHNSWFlat) or IVF-PQ (IndexIVFPQ); `auto` is exact up to
-index.auto_flat_max vectors and HNSW beyond.
+index.type is a faiss index factory string ("HNSW32,Flat", "IVF4096,PQ48x4fs,RFlat", ...: every index
+faiss has) or one of the named types of dexml.config.INDEX_TYPES, each a factory string filled in from
+the other index.* params; `auto` is exact up to index.auto_flat_max vectors and HNSW beyond.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml import fileio
-from dexml.config import IndexParams
+from dexml.config import INDEX_TYPES, IndexParams
 from dexml.errors import BundleError, ConfigError, DataError, require_optional
 
 faiss = require_optional("faiss")
@@ -40,13 +41,14 @@ def use_gpu(setting: str) -> bool:
 
 
 def choose_type(num_labels: int, p: IndexParams) -> str:
+    """index.type with `auto` resolved: flat up to index.auto_flat_max vectors, hnsw beyond."""
     if p.type != "auto":
         return p.type
     return "flat" if num_labels <= p.auto_flat_max else "hnsw"
 
 
-def _ivfpq_shape(n: int, d: int, p: IndexParams) -> tuple[int, int, int]:
-    """(nlist, pq_m, nbits), clamped to what `n` training vectors can support."""
+def _ivfpq_shape(n: int, d: int, p: IndexParams) -> dict:
+    """nlist, pq_m, nbits of the named `ivfpq` type, clamped to what `n` vectors can support."""
     # k-means wants >= 39 points per centroid (faiss warns below that); PQ needs 2^nbits points.
     nlist = p.ivf_nlist or round(4 * math.sqrt(n))
     nlist = max(1, min(nlist, n // 39))
@@ -55,60 +57,104 @@ def _ivfpq_shape(n: int, d: int, p: IndexParams) -> tuple[int, int, int]:
     pq_m = p.pq_m or max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
     if d % pq_m:
         raise ConfigError(f"params key `index.pq_m`: expected a divisor of the embedding size {d}, got {pq_m}")
-    nbits = max(1, min(8, int(math.log2(n))))
-    return nlist, pq_m, nbits
+    return {"nlist": nlist, "pq_m": pq_m, "nbits": max(1, min(8, int(math.log2(n))))}
+
+
+def factory_string(kind: str, n: int, d: int, p: IndexParams) -> str:
+    """The faiss index factory string for index.type `kind` (a named type or already a factory string)."""
+    if kind not in INDEX_TYPES:
+        return kind
+    return INDEX_TYPES[kind].factory.format(hnsw_m=p.hnsw_m, **(_ivfpq_shape(n, d, p) if kind == "ivfpq" else {}))
 
 
 def build_index(emb: np.ndarray, p: IndexParams, gpu: bool = False):
-    """-> (faiss index on CPU, info dict). `emb` (n, d) float32; id i = row i."""
+    """-> (faiss index on CPU, info dict). `emb` (n, d) float32; id i = row i.
+
+    Every type is a faiss index factory string (the named ones are filled in from the index.*
+    params); search params (efSearch, nprobe, refine k_factor) apply to whatever the string built."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape
     if n == 0:
         raise DataError("index: no label embeddings to index (the label file is empty)")
     kind = choose_type(n, p)
-    search: dict = {}
-    built_on = "cpu"
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-        build = {}
-    elif kind == "hnsw":  # faiss has no GPU HNSW: always built on CPU
-        index = faiss.IndexHNSWFlat(d, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = p.hnsw_ef_construction
-        index.hnsw.efSearch = p.hnsw_ef_search
-        build = {"M": p.hnsw_m, "efConstruction": p.hnsw_ef_construction}
-        search = {"efSearch": p.hnsw_ef_search}
-    else:
-        nlist, pq_m, nbits = _ivfpq_shape(n, d, p)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
+    factory = factory_string(kind, n, d, p)
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"params key `index.type`: faiss cannot build {factory!r} for {n} vectors of size {d} "
+                          f"({_faiss_reason(e)})") from None
+    hnsw = _find(index, faiss.IndexHNSW)
+    if hnsw is not None:  # must be set before vectors are added
+        hnsw.hnsw.efConstruction = p.hnsw_ef_construction
+    ivf = _find(index, faiss.IndexIVF)
+    if ivf is not None:
+        if ivf.nlist > n:
+            raise ConfigError(f"params key `index.type`: {factory!r} has {ivf.nlist} inverted lists, more than "
+                              f"the {n} vectors to index")
         # The codebooks only have to encode these very vectors: few points per centroid is fine
         # (this threshold only controls faiss's "please provide more points" warning).
-        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1
-        build = {"nlist": nlist, "pq_m": pq_m, "nbits": nbits}
-        search = {"nprobe": min(p.ivf_nprobe, nlist)}
-        if gpu:
-            try:
-                gpu_index = faiss.index_cpu_to_all_gpus(index)
-                gpu_index.train(emb)
-                gpu_index.add(emb)
-                index, built_on = faiss.index_gpu_to_cpu(gpu_index), "gpu"
-            except RuntimeError:  # e.g. a pq_m/nbits the GPU kernels lack: build on CPU
-                pass
-        if built_on == "cpu":
-            index.train(emb)
+        ivf.cp.min_points_per_centroid = 1
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            pq.cp.min_points_per_centroid = 1
+    built_on = "cpu"
+    if gpu and ivf is not None and hnsw is None:
+        try:
+            gpu_index = faiss.index_cpu_to_all_gpus(index)
+            gpu_index.train(emb)
+            gpu_index.add(emb)
+            index, built_on = faiss.index_gpu_to_cpu(gpu_index), "gpu"
+        except RuntimeError:  # e.g. a pq_m/nbits the GPU kernels lack: build on CPU
+            pass
     if built_on == "cpu":
+        try:
+            if not index.is_trained:
+                index.train(emb)
+        except RuntimeError as e:
+            raise ConfigError(f"params key `index.type`: faiss cannot train {factory!r} on {n} vectors of size "
+                              f"{d} ({_faiss_reason(e)})") from None
         index.add(emb)
+    search = {}
+    if hnsw is not None:
+        search["efSearch"] = p.hnsw_ef_search
+    if ivf is not None:
+        search["nprobe"] = min(p.ivf_nprobe, ivf.nlist)
+    if _find(index, faiss.IndexRefine) is not None:
+        search["k_factor"] = float(p.refine_k_factor)
     configure_search(index, search)
-    info = {"type": kind, "build": build, "search": search, "num_labels": n, "dim": d,
+    build = {"M": hnsw.hnsw.nb_neighbors(1), "efConstruction": p.hnsw_ef_construction} if hnsw is not None else {}
+    if kind == "ivfpq":
+        build.update(_ivfpq_shape(n, d, p))
+    info = {"type": kind, "factory": factory, "build": build, "search": search, "num_labels": n, "dim": d,
             "metric": "inner_product", "built_on": built_on}
     return index, info
+
+
+def _faiss_reason(e: RuntimeError) -> str:
+    """The last line of a faiss error, without its C++ location."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    return last.split("failed: ")[-1].split(": Error: ")[-1][:200]
+
+
+def _find(index, cls):
+    """The first index of type `cls` in the chain index -> base_index / index (pre-transform) ..."""
+    node = faiss.downcast_index(index)
+    while node is not None:
+        if isinstance(node, cls):
+            return node
+        inner = getattr(node, "base_index", None) or getattr(node, "index", None)
+        node = faiss.downcast_index(inner) if inner is not None else None
+    return None
 
 
 def configure_search(index, search: dict, k: int = 0) -> None:
     """Apply the saved search params (efSearch at least k, so HNSW can return k results)."""
     if "efSearch" in search:
-        faiss.downcast_index(index).hnsw.efSearch = max(int(search["efSearch"]), k)
+        _find(index, faiss.IndexHNSW).hnsw.efSearch = max(int(search["efSearch"]), k)
     if "nprobe" in search:
         faiss.extract_index_ivf(index).nprobe = int(search["nprobe"])
+    if "k_factor" in search:
+        _find(index, faiss.IndexRefine).k_factor = float(search["k_factor"])
 
 
 def to_gpu(index):
