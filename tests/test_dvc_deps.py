@@ -102,3 +102,21 @@ def test_closure_follows_function_level_and_package_imports(tmp_path):
     files = stage_closure("evaluate")
     assert Path("dexml/serve/predictor.py") in files and Path("dexml/serve/__init__.py") in files
     assert Path("dexml/train/loop.py") not in files  # evaluating never runs training code
+
+
+def suggested_deps(name: str) -> list[str]:
+    """The code deps a stage needs: its closure, whole directories where it uses every module."""
+    files = stage_closure(name)
+    by_dir: dict[Path, set[Path]] = {}
+    for f in files:
+        by_dir.setdefault(f.parent, set()).add(f)
+    deps = [f"stages/{name}.py"]
+    for d, fs in sorted(by_dir.items(), key=lambda kv: (len(kv[0].parts), str(kv[0]))):
+        whole = {p.relative_to(REPO) for p in (REPO / d).glob("*.py")}
+        deps += [str(d)] if d != Path("dexml") and fs == whole else sorted(map(str, fs))
+    return deps
+
+
+if __name__ == "__main__":  # `python tests/test_dvc_deps.py`: print what each stage's deps should list
+    for stage in STAGES:
+        print(f"{stage}:\n" + "".join(f"  - {d}\n" for d in suggested_deps(stage)))

@@ -160,11 +160,16 @@ def test_stages_run_through_the_cli(tmp_path, tiny_encoder, tiny_dataset_dir):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     DualEncoder.from_params(parse_params(raw).model).save(tmp_path / paths.MODEL_DIR)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    logs = {}
     for stage in ("export", "index", "evaluate"):
         out = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), "-S", "index.type=hnsw"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
+        logs[stage] = out.stderr
     assert "P@1" in out.stdout and "q/s" in out.stdout
+    # long work shows progress with rates (tqdm on stderr): embedding labels, test queries, searching
+    assert "index: embedding labels" in logs["index"] and "text/s" in logs["index"]
+    assert "evaluate: embedding test queries (fp32)" in logs["evaluate"] and "evaluate: searching" in logs["evaluate"]
     manifest = verify_bundle(tmp_path / paths.BUNDLE_DIR)
     assert {"encoder/query.onnx", "encoder/label.onnx"} <= set(manifest["files"])
     assert manifest["params"]["index"]["type"] == "hnsw" and manifest["throughput"]["index_type"] == "hnsw"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from dexml import fileio, metrics, paths
+from dexml import fileio, metrics, paths, progress
 from dexml.config import Params
 from dexml.data.dataset import XMCDataset, read_dataset
 from dexml.errors import BundleError
@@ -47,11 +47,13 @@ def score_test_set(predictor: Predictor, ds: XMCDataset,
     if any) and by the dual encoder alone (the same matrix without rae); encode/search throughput."""
     texts = ds.tst.texts(params.data.query_text)
     predictor.embed(texts[:1], "query")  # warm-up: the first run allocates, not representative
+    name = "int8" if predictor.encoder.int8 else "fp32"
     start = time.perf_counter()
-    emb = predictor.embed(texts, "query", batch_size=params.evaluate.batch_size)
+    emb = predictor.embed(texts, "query", batch_size=params.evaluate.batch_size,
+                          progress=f"evaluate: embedding test queries ({name})")
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    scores, ids = predictor.search(emb, params.evaluate.k)
+    scores, ids = _in_chunks(predictor.search, emb, params.evaluate.k, f"evaluate: searching ({name})")
     search_s = time.perf_counter() - start
     n = len(texts)
     throughput = {"num_queries": n, "encode_seconds": round(encode_s, 4), "search_seconds": round(search_s, 4),
@@ -60,10 +62,23 @@ def score_test_set(predictor: Predictor, ds: XMCDataset,
     if predictor.rae is None:
         return de_matrix, throughput, de_matrix
     start = time.perf_counter()
-    scores, ids = predictor.rank(emb, params.evaluate.k)  # label search again + memory search + mix
+    # label search again + memory search + mix
+    scores, ids = _in_chunks(predictor.rank, emb, params.evaluate.k, f"evaluate: retrieval-augmented ranking ({name})")
     rae_s = time.perf_counter() - start
     throughput.update({"rae_seconds": round(rae_s, 4), "rae_qps": round(n / max(rae_s, 1e-9), 1)})
     return metrics.filter_predictions(metrics.scores_to_csr(scores, ids, ds.num_labels), ds.filter_tst), throughput, de_matrix
+
+
+def _in_chunks(search, emb: np.ndarray, k: int, desc: str, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """search(emb, k) over row chunks, with a progress bar; the results concatenated."""
+    scores, ids = [], []
+    with progress.bar(len(emb), desc, unit="query") as shown:
+        for start in range(0, max(len(emb), 1), chunk):
+            s, i = search(emb[start:start + chunk], k)
+            scores.append(s)
+            ids.append(i)
+            shown.update(len(s))
+    return np.concatenate(scores), np.concatenate(ids)
 
 
 def read_heldout_rows(path: Path, num_train: int) -> np.ndarray:
@@ -83,11 +98,13 @@ def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.
     p = params.rae
     rows = read_heldout_rows(heldout_file, len(ds.trn))
     texts = ds.trn.texts(params.data.query_text)
-    emb = predictor.embed([texts[i] for i in rows], "query", batch_size=params.evaluate.batch_size)
+    emb = predictor.embed([texts[i] for i in rows], "query", batch_size=params.evaluate.batch_size,
+                          progress="evaluate: embedding held-out training queries (rae tuning)")
     label_scores, label_ids = predictor.search(emb, p.k)
     nb_scores, nb_ids = rae.exclude_self(*predictor.search_memory(emb, p.k + 1), rows)
     best, grid = rae.tune(label_scores, label_ids, nb_scores, nb_ids, predictor.memory[1], ds.trn.labels[rows],
-                          inv_prop, p.lambdas, p.temperatures, p.metric, rae.rows_filter(ds.filter_trn, rows))
+                          inv_prop, p.lambdas, p.temperatures, p.metric, rae.rows_filter(ds.filter_trn, rows),
+                          progress="evaluate: rae grid (lambda x temperature)")
     pick = ("P@1", "P@5", "PSP@5", p.metric)
     de_only = next((r for r in grid if r["lambda"] == 0), None)
     return {"lambda": best["lambda"], "temperature": best["temperature"], "k": p.k,

@@ -29,7 +29,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
     gpu = use_gpu(params.index.use_gpu)
     encoder = OnnxEncoder(root / paths.BUNDLE_ENCODER, allow_gpu=params.index.use_gpu == "auto")
     start = time.perf_counter()
-    emb = encoder.embed(labels.texts(params.data.label_text), "label", batch_size=params.index.batch_size)
+    emb = encoder.embed(labels.texts(params.data.label_text), "label", batch_size=params.index.batch_size,
+                        progress="index: embedding labels")
     encode_s = time.perf_counter() - start
     meta = encoder.meta
     folded = None
@@ -52,7 +53,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
     if params.rae.enabled:
         trn = read_dataset(data_dir).trn
         start = time.perf_counter()
-        q_emb = encoder.embed(trn.texts(params.data.query_text), "query", batch_size=params.index.batch_size)
+        q_emb = encoder.embed(trn.texts(params.data.query_text), "query", batch_size=params.index.batch_size,
+                              progress="index: embedding training queries (rae memory)")
         mem_encode_s = time.perf_counter() - start
         mem_index, mem_info = build_index(q_emb, params.index, gpu=gpu)
         y = sp.csr_matrix(trn.labels, dtype=np.float32)

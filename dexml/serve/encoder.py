@@ -17,6 +17,7 @@ import numpy as np
 
 from dexml.errors import BundleError, require_optional
 from dexml.fileio import read_json
+from dexml.progress import bar
 
 ort = require_optional("onnxruntime")
 
@@ -65,6 +66,7 @@ class OnnxEncoder:
                                   "(export with export.quantize_int8=true)")
             files.update(self.meta["int8_files"])
         self.files = files
+        self.int8 = int8
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about CPU fallback nodes are noise here
         providers = ort_providers(allow_gpu)
@@ -107,14 +109,18 @@ class OnnxEncoder:
         mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
 
-    def embed(self, texts: list[str], side: str = "query", batch_size: int = 256) -> np.ndarray:
-        """(len(texts), dim) float32 embeddings, L2-normalised when the model normalises."""
+    def embed(self, texts: list[str], side: str = "query", batch_size: int = 256,
+              progress: str | None = None) -> np.ndarray:
+        """(len(texts), dim) float32 embeddings, L2-normalised when the model normalises.
+        progress: a description to show a progress bar with (None: quiet)."""
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         session = self._sessions[side]
         out = [np.zeros((0, self.dim), np.float32)]
-        for i in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[i:i + batch_size], side)
-            emb = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
-            out.append(emb.astype(np.float32, copy=False))
+        with bar(len(texts), progress, unit="text") as shown:
+            for i in range(0, len(texts), batch_size):
+                ids, mask = self.tokenize(texts[i:i + batch_size], side)
+                emb = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+                out.append(emb.astype(np.float32, copy=False))
+                shown.update(len(ids))
         return np.concatenate(out)

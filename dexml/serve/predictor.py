@@ -68,9 +68,10 @@ class Predictor:
             return setting
         return rae.RaeSettings.from_dict(setting, str(where))
 
-    def embed(self, texts: list[str], side: str = "query", batch_size: int = 256) -> np.ndarray:
-        """(len(texts), dim) float32 embeddings from the ONNX encoder."""
-        return self.encoder.embed(_as_texts(texts), side, batch_size)
+    def embed(self, texts: list[str], side: str = "query", batch_size: int = 256,
+              progress: str | None = None) -> np.ndarray:
+        """(len(texts), dim) float32 embeddings from the ONNX encoder (progress: a bar's description)."""
+        return self.encoder.embed(_as_texts(texts), side, batch_size, progress)
 
     @property
     def labels(self) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from dexml import metrics
 from dexml.errors import BundleError
+from dexml.progress import bar
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def rows_filter(pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def tune(label_scores, label_ids, nb_scores, nb_ids, memory_labels: sp.csr_matrix, y_true: sp.csr_matrix,
          inv_prop: np.ndarray | None, lambdas, temperatures, metric: str = "P@5",
-         filter_pairs: np.ndarray | None = None) -> tuple[dict, list[dict]]:
+         filter_pairs: np.ndarray | None = None, progress: str | None = None) -> tuple[dict, list[dict]]:
     """Grid search of (lambda, T) on validation queries (their search results and true labels,
     neighbours already without themselves). Returns (best row, all rows); each row holds
     lambda, temperature and the metrics. Ties go to the smaller lambda, then the smaller T.
@@ -146,11 +147,14 @@ def tune(label_scores, label_ids, nb_scores, nb_ids, memory_labels: sp.csr_matri
     pairs = np.zeros((0, 2), np.int64) if filter_pairs is None else filter_pairs
     parts = {t: (label_probabilities(label_scores, label_ids, t, num_labels),
                  memory_scores(nb_scores, nb_ids, memory_labels, t)) for t in sorted(temperatures)}
+    grid = [(lam, t) for lam in sorted(set(lambdas)) for t in (sorted(temperatures)[:1] if lam == 0
+                                                                 else sorted(temperatures))]
     rows = []
-    for lam in sorted(set(lambdas)):
-        for t in sorted(temperatures)[:1] if lam == 0 else sorted(temperatures):
+    with bar(len(grid), progress, unit="setting") as shown:
+        for lam, t in grid:
             p, m = parts[t]
             scores = metrics.filter_predictions(mix(p, m, lam), pairs)
             rows.append({"lambda": lam, "temperature": t, **metrics.xmc_metrics(scores, y_true, inv_prop)})
+            shown.update()
     best = max(rows, key=lambda r: r[metric])  # max keeps the first of equal rows
     return best, rows
