@@ -143,7 +143,7 @@ class IndexParams:
     ivf_nprobe: int = 32
     pq_m: int = 0  # 0 = d / 4 sub-quantizers (d must divide)
     refine_k_factor: float = 4.0  # factory strings with a refinement stage (",RFlat"): candidates re-ranked per result
-    use_gpu: Literal["auto", "off"] = "auto"
+    use_gpu: Literal["auto", "off"] = "auto"  # faiss and ONNX Runtime on the GPU (index, evaluate) | CPU
     batch_size: int = 256  # labels per ONNX encoder call
 
 
