@@ -16,6 +16,13 @@ import yaml
 
 from dexml.errors import ConfigError
 
+# The most labels one query may ask for anywhere (predict, evaluate.k, rae.k): results are
+# (queries x k) arrays, so k bounds the memory a request can claim (dexml/serve/predictor.py).
+MAX_K = 10_000
+# The ONNX opsets export.opset may name: BERT attention (scaled_dot_product_attention) needs
+# 14; 20 is the newest the TorchScript exporter writes.
+OPSET_RANGE = (14, 20)
+
 
 @dataclass
 class SyntheticParams:
@@ -299,7 +306,7 @@ def _check(p: Params) -> None:
     need(0 < t.val_fraction < 1, "train.val_fraction", "a fraction in (0, 1)", t.val_fraction)
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          "train.device", "auto, cpu, cuda or cuda:N", t.device)
-    need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc", "a positive integer", t.nproc)
+    need(t.nproc >= 1, "train.nproc", "a positive integer", t.nproc)
     need(p.export.parity_tol > 0, "export.parity_tol", "a positive number", p.export.parity_tol)
     need(p.export.parity_texts > 0, "export.parity_texts", "a positive integer", p.export.parity_texts)
     need(p.evaluate.k >= 5, "evaluate.k", "an integer >= 5", p.evaluate.k)
@@ -320,6 +327,81 @@ def _check(p: Params) -> None:
     need(p.index.refine_k_factor >= 1, "index.refine_k_factor", "a number >= 1", p.index.refine_k_factor)
     for key in ("ivf_nlist", "pq_m"):
         need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))
+    # Ranges without which a run fails late (after a full retrain) or silently does nothing.
+    d = p.dataset
+    for key in ("propensity_a", "propensity_b"):
+        value = getattr(d, key)
+        need(value is None or value > 0, f"dataset.{key}", "null or a positive number", value)
+    need(s.zipf_exponent >= 0, "dataset.synthetic.zipf_exponent", "a number >= 0", s.zipf_exponent)
+    need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "null or a positive integer", t.max_steps)
+    need(t.val_max_points > 0, "train.val_max_points", "a positive integer", t.val_max_points)
+    need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "null or a positive number", t.grad_clip)
+    need(t.num_threads >= 0, "train.num_threads", "0 (torch's default) or a positive integer", t.num_threads)
+    need(t.nnodes >= 1, "train.nnodes", "a positive integer", t.nnodes)
+    need(0 <= t.node_rank < t.nnodes, "train.node_rank", f"an integer in [0, train.nnodes = {t.nnodes})", t.node_rank)
+    need(1 <= t.master_port <= 65535, "train.master_port", "a port number in 1..65535", t.master_port)
+    lo, hi = OPSET_RANGE
+    need(lo <= p.export.opset <= hi, "export.opset", f"an ONNX opset in {lo}..{hi} (what the exporter writes "
+         "for BERT-style encoders)", p.export.opset)
+    need(p.evaluate.k <= MAX_K, "evaluate.k", f"an integer in 5..{MAX_K}", p.evaluate.k)
+    need(r.k <= MAX_K, "rae.k", f"an integer in 1..{MAX_K}", r.k)
+    f = p.flow
+    need(f.gate_metric in EVAL_KEYS, "flow.gate_metric", f"one of {list(EVAL_KEYS)}", f.gate_metric)
+    need(f.min_delta >= 0, "flow.min_delta", "a number >= 0 (percentage points)", f.min_delta)
+    for name, tol in f.guarded.items():
+        need(name in EVAL_KEYS, f"flow.guarded.{name}", f"a metric name, one of {list(EVAL_KEYS)}", name)
+        need(not isinstance(tol, bool) and isinstance(tol, (int, float)) and tol >= 0, f"flow.guarded.{name}",
+             "a tolerance >= 0 (percentage points)", tol)
+    problem = cron_problem(f.cron)
+    need(problem is None, "flow.cron", f"a cron expression of 5 fields (minute hour day month weekday), {problem}",
+         f.cron)
+    need(_is_timezone(f.timezone), "flow.timezone", "an IANA time zone name, e.g. UTC or Europe/Paris", f.timezone)
+    need(f.download_retries >= 0, "flow.download_retries", "an integer >= 0", f.download_retries)
+    need(f.download_retry_delay >= 0, "flow.download_retry_delay", "a number of seconds >= 0", f.download_retry_delay)
+
+
+# Cron fields (what Prefect's schedules accept): minute, hour, day of month, month, weekday.
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+                ("weekday", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def cron_problem(expr: str) -> str | None:
+    """What is wrong with a cron expression (None when it is valid)."""
+    if expr.strip().lower() in _CRON_ALIASES:
+        return None
+    fields = expr.split()
+    if len(fields) != 5:
+        return f"got {len(fields)} field{'s' if len(fields) != 1 else ''}"
+    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
+        for part in text.split(","):
+            base, _, step = part.partition("/")
+            if step and not (step.isdigit() and int(step) > 0):
+                return f"the {name} field has a bad step {part!r}"
+            if base == "*" or (base in ("?", "L") and name in ("day of month", "weekday")):
+                continue
+            if name == "weekday" and "#" in base:  # the n-th weekday of the month: 5#3
+                base, _, nth = base.partition("#")
+                if not (nth.isdigit() and 1 <= int(nth) <= 5):
+                    return f"the {name} field {part!r} has a bad #n (1..5)"
+            ends = base.split("-")  # a range may wrap around (fri-mon), as croniter reads it
+            values = [names.index(e.lower()) + (lo if name == "month" else 0) if e.lower() in names
+                      else int(e) if e.isdigit() else None for e in ends]
+            if len(ends) > 2 or None in values or not all(lo <= v <= hi for v in values):
+                return f"the {name} field {part!r} is not in {lo}..{hi}" + (f" or {names[0]}..{names[-1]}" if names else "")
+    return None
+
+
+def _is_timezone(name: str) -> bool:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _faiss_can_parse(factory: str) -> bool:
@@ -364,14 +446,90 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
 
 
 def parse_overrides(items: list[str] | None) -> dict:
-    """`-S train.lr=1e-4` -> {"train.lr": 0.0001} (values parsed as YAML scalars)."""
+    """`-S train.lr=1e-4` -> {"train.lr": 0.0001}: each value parsed by the type of the field it
+    sets (`dataset.path=2024` stays the string "2024", `train.lr=1e-4` is a float, `null` clears
+    an optional field); keys that name no field keep YAML's reading, and load_params names them."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        out[key] = _parse_value(value, _field_type(key), f"override `{key}={value}`")
     return out
+
+
+_NULLS = ("null", "Null", "NULL", "~", "")
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotation of the params field a dotted key names (None if it names none)."""
+    tp: Any = Params
+    for part in dotted.split("."):
+        if tp is dict:  # an entry of a free mapping (flow.guarded.P@1): YAML decides
+            return None
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _parse_value(text: str, tp: Any, where: str) -> Any:
+    """The command-line string `text` as a value of type `tp` (YAML's reading when tp is None)."""
+    def fail(expected: str):
+        raise ConfigError(f"{where}: expected {expected}, got {text!r}")
+
+    def yaml_value():
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not a valid YAML value ({e})") from None
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip() in _NULLS:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if tp is str:
+        return text
+    if tp is bool:
+        low = text.strip().lower()
+        if low not in _TRUE + _FALSE:
+            fail("true or false")
+        return low in _TRUE
+    if tp is int:
+        try:
+            return int(text.strip().replace("_", ""))
+        except ValueError:
+            try:  # 1e5 names an integer too
+                number = float(text)
+            except ValueError:
+                number = None
+            if number is None or not number.is_integer():
+                fail("an integer")
+            return int(number)
+    if tp is float:
+        try:
+            return float(text.strip().replace("_", ""))
+        except ValueError:
+            fail("a number")
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if str(choice) == text.strip():
+                return choice
+        fail(f"one of {list(typing.get_args(tp))}")
+    value = yaml_value()
+    if origin is list and isinstance(value, list):
+        (inner,) = typing.get_args(tp)
+        return [_parse_value(v, inner, f"{where}[{i}]") if isinstance(v, str) and inner is not str else v
+                for i, v in enumerate(value)]
+    return value
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
