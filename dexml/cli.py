@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
 from dexml.config import load_params, parse_overrides
-from dexml.errors import DexmlError
+from dexml.errors import EXIT_ERROR, EXIT_TRANSIENT, DexmlError, TransientError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(module, f"{command.prefix}main")(args, params) or 0)
     except DexmlError as e:
         print(f"dexml {name}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_TRANSIENT if isinstance(e, TransientError) else EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (`dexml predict ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

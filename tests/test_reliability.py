@@ -3,10 +3,19 @@ or promote, each asserting that the message names the file / field / limit and t
 disk changed. Fast except where marked."""
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dexml.config import MAX_K, load_params, parse_overrides, parse_params
 from dexml.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- params: checked when they load, not after a full retrain (item 4) --------------------
 
@@ -114,3 +123,175 @@ def test_cli_help_example_override_works(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text("dataset:\n  synthetic: {num_labels: 8, num_train: 20, num_test: 5}\n")
     assert cli(["download", "-S", "train.lr=1e-4", "-S", "data.dir=2024"]) == 0
     assert (tmp_path / "2024" / "trn.json.gz").is_file()
+
+
+# --- a bundle for the serving probes --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_encoder, tiny_dataset_dir) -> Path:
+    """export -> index -> evaluate of an untrained tiny model on the tiny dataset (40 labels)."""
+    from dexml import paths
+    from dexml.pipeline.evaluate import run as run_evaluate
+    from dexml.pipeline.export import run as run_export
+    from dexml.pipeline.index import run as run_index
+    from dexml.train.model import DualEncoder
+
+    root = tmp_path_factory.mktemp("reliability_root")
+    params = parse_params({"model": {"encoder": str(tiny_encoder), "query_max_len": 16, "label_max_len": 12},
+                           "data": {"dir": str(tiny_dataset_dir)}, "export": {"parity_texts": 8},
+                           "evaluate": {"k": 10}})
+    DualEncoder.from_params(params.model).save(root / paths.MODEL_DIR)
+    for stage in (run_export, run_index, run_evaluate):
+        stage(params, root)
+    return root / paths.BUNDLE_DIR
+
+
+ADDRESS_SPACE = 3 << 30  # enough to load onnxruntime + faiss + the tiny bundle, not a k-sized array
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def predict_cli(*args: str, stdin: bytes | None = None, limit: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dexml.cli", "predict", *args], input=stdin, capture_output=True,
+                          env=env, cwd=REPO, timeout=120, preexec_fn=_limit_memory if limit else None)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes), symlinks as their target: "nothing changed"."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+    return out
+
+
+# --- k: capped at the label count and at max_k before anything is allocated (item 1) ------
+
+@pytest.mark.parametrize("args,stdin", [
+    (["-k", str(10**11), "vobo kata"], None),
+    (["-k", str(3 * 10**9), "--jsonl"], b"".join(b'{"id": %d, "text": "kata sigi %d"}\n' % (i, i) for i in range(300))),
+], ids=["k=1e11", "k=3e9,jsonl-batch"])
+def test_a_huge_k_answers_with_every_label_within_a_small_address_space(bundle, args, stdin):
+    """Under a 3 GiB address-space limit: before the cap, k = 3e9 asked numpy for 11 GiB."""
+    out = predict_cli("--bundle", str(bundle), *args, stdin=stdin, limit=True)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    if stdin is None:
+        assert len(out.stdout.decode().splitlines()) == 1 + 40  # the text, then all 40 labels
+    else:
+        records = [json.loads(line) for line in out.stdout.decode().splitlines()]
+        assert [r["id"] for r in records] == list(range(300))
+        assert all(len(r["labels"]) == 40 for r in records)
+
+
+def test_a_k_above_max_k_is_refused_before_any_input_is_read(bundle):
+    out = predict_cli("--bundle", str(bundle), "-k", "30", "--max-k", "10", "--jsonl", stdin=b'"never read"\n')
+    err = out.stderr.decode()
+    assert out.returncode == 1 and out.stdout == b"" and "Traceback" not in err
+    assert "-k 30: at most 10 labels per query (max_k), got 30 (the bundle has 40 labels)" in err
+
+
+def test_predictor_k_checks(bundle):
+    from dexml.errors import BundleError, InputError
+    from dexml.serve.predictor import Predictor
+
+    predictor = Predictor(bundle, max_k=10)
+    assert predictor.check_k(10) == 10 and Predictor(bundle).check_k(10**11) == 40
+    with pytest.raises(InputError, match=r"k: at most 10 labels per query \(max_k\), got 20"):
+        predictor.predict(["kata"], 20)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match=r"k: expected a positive integer"):
+            predictor.check_k(bad)
+    emb = predictor.embed(["kata"])
+    scores, ids = Predictor(bundle).search(emb, 10**11)
+    assert scores.shape == ids.shape == (1, 40)  # capped, not padded to k
+    # The bundle's own rae.k (from its manifest) is bounded when it is read.
+    with pytest.raises(BundleError, match=rf"k {10**11} \(1..{MAX_K}\)"):
+        Predictor(bundle, rae={"lambda": 0.5, "temperature": 0.1, "k": 10**11})
+
+
+# --- predict input: every valid line answered, every bad one named (items 7 and 8) -------
+
+BAD_LINES = [  # (stdin line, what the error says)
+    (b"\xff\xfe not utf-8\n", "not valid UTF-8 (invalid start byte at byte 0)"),
+    (b'"\\udcff lone surrogate"\n', "not valid Unicode text: a lone surrogate '\\udcff' at character 0"),
+    (b'{"text": "ok", "x": \n', "not valid JSON"),
+    (b"[1, 2]\n", 'expected a JSON string or an object with a "text" string field, got \'[1, 2]\''),
+    (b'{"txt": "a typo"}\n', 'expected a JSON string or an object with a "text" string field'),
+    (b'"' + b"a" * (1 << 20) + b'"\n', f"longer than {1 << 20} bytes"),
+]
+
+
+def test_jsonl_answers_every_valid_line_and_reports_each_bad_one(bundle):
+    good = [b'"kata sigi"\n', b'{"id": 7, "text": "tuma ribo"}\n']
+    stdin = good[0] + b"".join(line for line, _ in BAD_LINES) + b"\n" + good[1]
+    out = predict_cli("--bundle", str(bundle), "-k", "3", "--jsonl", stdin=stdin)
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err
+    records = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert len(records) == 2 + len(BAD_LINES)  # one per non-blank input line, in order
+    assert records[0]["text"] == "kata sigi" and len(records[0]["labels"]) == 3
+    assert records[-1]["id"] == 7 and len(records[-1]["labels"]) == 3
+    for lineno, (record, (_, expected)) in enumerate(zip(records[1:-1], BAD_LINES), 2):
+        assert record["line"] == lineno and expected in record["error"], record
+        assert f"stdin, line {lineno}: " in err
+
+
+def test_empty_text_gets_a_warning_not_labels_or_an_error_by_flag(bundle):
+    out = predict_cli("--bundle", str(bundle), "--jsonl", stdin=b'"   "\n{"id": 1, "text": ""}\n"kata"\n')
+    assert out.returncode == 0, out.stderr.decode()
+    records = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert [r["labels"] for r in records[:2]] == [[], []] and len(records[2]["labels"]) == 5
+    assert all("empty or whitespace-only text" in r["warning"] for r in records[:2])
+    assert "warning: stdin, line 1: empty or whitespace-only text" in out.stderr.decode()
+
+    strict = predict_cli("--bundle", str(bundle), "--empty", "error", " ", "kata")
+    assert strict.returncode == 1 and "error: text 1: empty or whitespace-only text" in strict.stderr.decode()
+    assert strict.stdout.decode().splitlines()[0] == "kata"  # the other text is still answered
+
+
+def test_text_arguments_that_are_not_unicode_are_named(bundle):
+    out = predict_cli("--bundle", str(bundle), "-k", "2", "kata", os.fsdecode(b"\xff\xfe"))
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err
+    assert "error: text 2: not valid Unicode text: a lone surrogate" in err
+    assert out.stdout.decode().splitlines()[0] == "kata"
+
+    from dexml.errors import InputError
+    from dexml.serve.predictor import Predictor
+
+    with pytest.raises(InputError, match=r"texts\[1\]: not valid Unicode text: a lone surrogate '\\udcff'"):
+        Predictor(bundle).predict(["fine", "bad \udcff"], 3)
+
+
+def test_a_wrong_dim_in_a_resigned_encoder_json_is_a_bundle_error(bundle, tmp_path):
+    import shutil
+
+    from dexml.errors import BundleError
+    from dexml.serve.bundle import read_manifest, write_manifest
+    from dexml.serve.predictor import Predictor
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    meta_path = copy / "encoder" / "encoder.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dim"] += 1
+    meta_path.write_text(json.dumps(meta))
+    m = read_manifest(copy)  # re-signed: the manifest's checksums match the edited file
+    write_manifest(copy, dataset=m["dataset"], params=m["params"], metrics=m["metrics"],
+                   throughput=m["throughput"], git_rev=None)
+    with pytest.raises(BundleError, match=rf"encoder.json: `dim` is {meta['dim']}, but model.onnx returns "
+                                          rf"vectors of shape \({meta['dim'] - 1},\)"):
+        Predictor(copy).embed(["kata"])
+    with pytest.raises(BundleError, match=rf"labels.faiss: vectors of size {meta['dim'] - 1}, but the encoder "
+                                          rf"embeds to {meta['dim']}"):
+        Predictor(copy).predict(["kata"], 3)
+    meta["dim"] = "32"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"encoder.json: `dim` expected a positive integer, got '32'"):
+        Predictor(copy, verify=False)

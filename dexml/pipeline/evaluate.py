@@ -117,7 +117,9 @@ def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path
     """-> (eval dict, score matrix, P@k, R@k, buckets, dataset) without writing anything."""
     ds = read_dataset(data_dir)
     gpu = params.index.use_gpu == "auto"
-    predictor = Predictor(bundle_dir, verify=False, gpu=gpu, rae=False)
+    # The params' k's are checked against MAX_K when they load; rae tuning asks rae.k + 1 neighbours.
+    max_k = max(params.evaluate.k, params.rae.k + 1)
+    predictor = Predictor(bundle_dir, verify=False, gpu=gpu, rae=False, max_k=max_k)
     if predictor.index.ntotal != ds.num_labels:
         raise BundleError(f"{Path(bundle_dir) / 'index'}: the index holds {predictor.index.ntotal} labels, the "
                           f"dataset {data_dir} has {ds.num_labels} (rerun the index stage)")
@@ -142,7 +144,7 @@ def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path
     throughput["index_type"] = predictor.index_info["type"]
     result["throughput"] = throughput
     if predictor.encoder.meta["int8_files"]:
-        q8 = Predictor(bundle_dir, verify=False, int8=True, gpu=gpu, rae=predictor.rae or False)
+        q8 = Predictor(bundle_dir, verify=False, int8=True, gpu=gpu, rae=predictor.rae or False, max_k=max_k)
         matrix8, throughput8, _ = score_test_set(q8, ds, params)
         m8 = metrics.xmc_metrics(matrix8, ds.tst.labels, inv_prop)
         result["int8"] = {**m8, "delta": {k: round(m8[k] - result[k], 4) for k in metrics.EVAL_KEYS},

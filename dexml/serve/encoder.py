@@ -44,6 +44,23 @@ def read_encoder_meta(encoder_dir: str | Path) -> dict:
     if missing or not isinstance(meta["files"], dict) or not all(s in meta["files"] for s in SIDES):
         raise BundleError(f"{path}: expected keys {', '.join(_META_KEYS)} with files for "
                           f"{' and '.join(SIDES)}; missing {', '.join(missing) or 'a side in `files`'}")
+
+    def is_int(v, lo: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key, ok, expected in (
+            ("dim", is_int(meta["dim"], 1), "a positive integer"),
+            ("query_max_len", is_int(meta["query_max_len"], 2), "an integer >= 2"),
+            ("label_max_len", is_int(meta["label_max_len"], 2), "an integer >= 2"),
+            ("pad_id", is_int(meta["pad_id"], 0), "an integer >= 0"),
+            ("pad_token", isinstance(meta["pad_token"], str), "a string"),
+            ("padding_side", meta["padding_side"] in ("left", "right"), "left or right"),
+            ("truncation_side", meta["truncation_side"] in ("left", "right"), "left or right"),
+            ("files", all(isinstance(v, str) for v in meta["files"].values()), "file names"),
+            ("int8_files", isinstance(meta["int8_files"], dict)
+             and all(isinstance(v, str) for v in meta["int8_files"].values()), "a mapping of file names")):
+        if not ok:
+            raise BundleError(f"{path}: `{key}` expected {expected}, got {meta[key]!r}")
     return meta
 
 
@@ -121,6 +138,9 @@ class OnnxEncoder:
             for i in range(0, len(texts), batch_size):
                 ids, mask = self.tokenize(texts[i:i + batch_size], side)
                 emb = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+                if emb.ndim != 2 or emb.shape[1] != self.dim:
+                    raise BundleError(f"{self.dir / ENCODER_META}: `dim` is {self.dim}, but {self.files[side]} "
+                                      f"returns vectors of shape {tuple(emb.shape[1:])} (re-export the encoder)")
                 out.append(emb.astype(np.float32, copy=False))
                 shown.update(len(ids))
         return np.concatenate(out)

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dexml import metrics
+from dexml.config import MAX_K
 from dexml.errors import BundleError
 from dexml.progress import bar
 
@@ -50,10 +51,10 @@ class RaeSettings:
             lam, temperature, k = float(d["lambda"]), float(d["temperature"]), int(d["k"])
         except (TypeError, KeyError, ValueError):
             raise BundleError(f"{where}: expected `rae` as {{\"lambda\": 0..1, \"temperature\": > 0, "
-                              f"\"k\": >= 1}}, got {d!r}") from None
-        if not (0 <= lam <= 1 and temperature > 0 and k >= 1):
+                              f"\"k\": 1..{MAX_K}}}, got {d!r}") from None
+        if not (0 <= lam <= 1 and temperature > 0 and 1 <= k <= MAX_K):
             raise BundleError(f"{where}: rae settings out of range: lambda {lam} (0..1), temperature "
-                              f"{temperature} (> 0), k {k} (>= 1)")
+                              f"{temperature} (> 0), k {k} (1..{MAX_K})")
         return cls(lam, temperature, k)
 
 
@@ -102,11 +103,11 @@ def rae_scores(label_scores, label_ids, nb_scores, nb_ids, memory_labels: sp.csr
 
 
 def top_k_arrays(scores: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's top k as (scores float32, ids int64), each (n, k), best first, ties -> lower
-    label; short rows padded with -inf / -1 (as Predictor.search)."""
+    """Each row's top k as (scores float32, ids int64), each (n, min(k, labels)), best first,
+    ties -> lower label; short rows padded with -inf / -1 (as Predictor.search)."""
     x = sp.csr_matrix(scores)
     x.sum_duplicates()  # sorts the column indices, which the lookup below needs
-    ids = metrics.top_k(x, k)
+    ids = metrics.top_k(x, min(k, x.shape[1]))  # no k allocates beyond the label count
     n, num_labels = x.shape
     keys = np.repeat(np.arange(n, dtype=np.int64), np.diff(x.indptr)) * num_labels + x.indices
     wanted = np.arange(n, dtype=np.int64)[:, None] * num_labels + ids
