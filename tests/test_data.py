@@ -66,12 +66,14 @@ def write_lines(path, rows):
 
 
 @pytest.mark.parametrize("trn,expected", [
-    ([{"uid": "a", "title": "t", "target_ind": [5]}], r"trn.json.gz, line 1: `target_ind` entry 5 is not an integer in \[0, 2\)"),
+    ([{"uid": "a", "title": "t", "target_ind": [5]}],
+     r'trn.json.gz, line 1: fails "target_ind a list of integers in \[0, 2\) without duplicates" \(got `target_ind` = \[5\]\)'),
     ([{"uid": "a", "title": "t", "target_ind": [0]}, "{oops"], r"trn.json.gz, line 2: malformed JSON"),
-    ([{"uid": "a", "target_ind": [0]}], r"trn.json.gz, line 1: missing field 'title'"),
+    ([{"uid": "a", "target_ind": [0]}], r'trn.json.gz, line 1: fails "title a non-empty string" \(got no `title`\)'),
     ([{"uid": "a", "title": "t", "target_ind": [0, 1], "target_rel": [1.0]}],
-     r"trn.json.gz, line 1: `target_rel` has 1 entries, `target_ind` 2"),
-    ([{"uid": "a", "title": "t", "target_ind": 1}], r"trn.json.gz, line 1: `target_ind` must be a list"),
+     r'trn.json.gz, line 1: fails "target_rel \(if present\) positive numbers, as many as target_ind" '
+     r"\(got `target_rel` = \[1.0\]\)"),
+    ([{"uid": "a", "title": "t", "target_ind": 1}], r"trn.json.gz, line 1: fails \"target_ind a list.* \(got `target_ind` = 1\)"),
 ])
 def test_reader_names_file_and_line(tmp_path, trn, expected):
     write_lines(tmp_path / "lbl.json.gz", [{"uid": "L0", "title": "x"}, {"uid": "L1", "title": "y"}])

@@ -18,7 +18,7 @@ from dexml.cli import main as cli_main
 from dexml.config import parse_params
 from dexml.data import download, formats
 from dexml.data.dataset import read_dataset
-from dexml.errors import ConfigError, DataError
+from dexml.errors import EXIT_TRANSIENT, ConfigError, DataError, TransientError
 
 
 class Server:
@@ -134,7 +134,7 @@ def test_server_without_range_support_restarts_the_transfer(server, tmp_path):
 def test_gives_up_after_the_retries_and_keeps_the_partial_file(server, tmp_path):
     server.files["/f"] = b"x" * 10_000
     server.cut["/f"] = 99
-    with pytest.raises(DataError, match=r"download failed after 3 attempts .*connection closed after"):
+    with pytest.raises(TransientError, match=r"download failed after 3 attempts .*connection closed after"):
         download.fetch_url(server.url + "/f", tmp_path / "f", retries=2, backoff_s=0.01)
     assert len(server.requests) == 3
     assert not (tmp_path / "f").exists() and (tmp_path / "f.part").stat().st_size > 0
@@ -181,8 +181,9 @@ def test_path_traversal_archive_from_a_url_is_refused(server, tmp_path):
 
 
 def test_http_404_is_not_retried(server, tmp_path):
-    with pytest.raises(DataError, match=r"/missing.zip: HTTP 404"):
+    with pytest.raises(DataError, match=r"/missing.zip: HTTP 404") as e:
         download.fetch_url(server.url + "/missing.zip", tmp_path / "m.zip", backoff_s=0.01)
+    assert not isinstance(e.value, TransientError)  # permanent: the flow does not retry it either
     assert len(server.requests) == 1
 
 
@@ -260,7 +261,7 @@ def test_synthetic_source_is_deterministic_and_honours_propensity(tmp_path):
 def test_bad_source_settings_name_the_params_key(tmp_path):
     with pytest.raises(ConfigError, match=r"`dataset.source`: expected one of synthetic, local, url, EURLex-4K.*got 'Eurlex'"):
         download.materialise(params(source="Eurlex"), tmp_path / "d")
-    with pytest.raises(ConfigError, match=r"`dataset.path`: .*nowhere does not exist"):
+    with pytest.raises(TransientError, match=r"`dataset.path`: .*nowhere does not exist"):  # retried by the flow
         download.materialise(params(source="local", path=str(tmp_path / "nowhere")), tmp_path / "d")
     with pytest.raises(ConfigError, match=r"`dataset.sha256`: LF-Wikipedia-500K has 3 files"):
         download.materialise(params(source="LF-Wikipedia-500K", sha256="ab" * 32), tmp_path / "d", tmp_path / "c")
@@ -272,7 +273,7 @@ def test_cli_download_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     Path("params.yaml").write_text("dataset:\n  synthetic: {num_labels: 8, num_train: 20, num_test: 5}\n")
     assert cli_main(["download"]) == 0
     assert read_dataset("data/dataset").num_labels == 8
-    assert cli_main(["download", "-S", "dataset.source=local", "-S", "dataset.path=nowhere"]) == 1
+    assert cli_main(["download", "-S", "dataset.source=local", "-S", "dataset.path=nowhere"]) == EXIT_TRANSIENT
     assert "dexml download: error: params key `dataset.path`: nowhere does not exist" \
         in capsys.readouterr().err
     assert read_dataset("data/dataset").num_labels == 8  # the previous dataset stays

@@ -3,6 +3,7 @@ or promote, each asserting that the message names the file / field / limit and t
 disk changed. Fast except where marked."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
@@ -295,3 +296,211 @@ def test_a_wrong_dim_in_a_resigned_encoder_json_is_a_bundle_error(bundle, tmp_pa
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"encoder.json: `dim` expected a positive integer, got '32'"):
         Predictor(copy, verify=False)
+
+
+# --- datasets: one set of checks; a bad download never replaces the last good one (items 2, 7, 9)
+
+def make_bad(root: Path, **overrides) -> Path:
+    """test_validate's 4-label dataset with some files replaced; a bytes row is written raw."""
+    from test_validate import make_dataset
+
+    rows = {k: v for k, v in overrides.items() if k in ("lbl", "trn", "tst")}
+    text = {k: [r for r in v if not isinstance(r, bytes)] for k, v in rows.items()}
+    make_dataset(root, **{**overrides, **text})
+    for side, items in rows.items():
+        if any(isinstance(r, bytes) for r in items):
+            with gzip.open(root / f"{side}.json.gz", "wb") as f:
+                f.write(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in items))
+    return root
+
+
+def _bad_rows():
+    from test_validate import LABELS, TRN, TST, replace
+
+    ind = "target_ind a list of integers in [0, 4) without duplicates"
+    rel = "target_rel (if present) positive numbers, as many as target_ind"
+    text = "title and content (if present) strings of valid Unicode (no lone surrogates)"
+    # (id, dataset overrides, file, validate's fragment, the reader's fragment)
+    return [
+        ("truncated JSON line", dict(trn=TRN[:2] + ['{"uid": "c", "title": "thi']), "trn.json.gz",
+         '1 row fails "a JSON object per line" (line 3)', "line 3: malformed JSON"),
+        ("not UTF-8", dict(tst=[TST[0], b'{"uid": "y", "title": "\xff\xfe", "target_ind": [0]}']), "tst.json.gz",
+         '1 row fails "a JSON object per line" (line 2)', "line 2: not valid UTF-8"),
+        ("JSON not an object", dict(trn=TRN[:1] + ["[1, 2]"]), "trn.json.gz",
+         '1 row fails "a JSON object per line" (line 2)', "line 2: expected a JSON object"),
+        ("duplicate uid", dict(trn=replace(TRN, 3, uid="b")), "trn.json.gz",
+         '2 rows fail "uid unique" (lines 2, 4)', "line 4: fails \"uid unique\" (uid 'b' is also on line 2)"),
+        ("duplicate label uid", dict(lbl=replace(LABELS, 3, uid="L0")), "lbl.json.gz",
+         '2 rows fail "uid unique" (lines 1, 4)', "line 4: fails \"uid unique\""),
+        ("missing uid", dict(tst=replace(TST, 1, uid=None)), "tst.json.gz",
+         '1 row fails "uid present (a non-empty string or an integer)" (line 2)', "line 2: fails \"uid present"),
+        ("null label title", dict(lbl=LABELS[:1] + [{"uid": "L1", "title": None}] + LABELS[2:]), "lbl.json.gz",
+         '1 row fails "title a non-empty string" (line 2)', 'line 2: fails "title a non-empty string" (got `title` = None)'),
+        ("blank title", dict(trn=replace(TRN, 2, title="  ")), "trn.json.gz",
+         '1 row fails "title a non-empty string" (line 3)', 'line 3: fails "title a non-empty string"'),
+        ("lone surrogate in a label title", dict(lbl=replace(LABELS, 2, title="bad \udcff")), "lbl.json.gz",
+         f'1 row fails "{text}" (line 3)', f"line 3: fails \"{text}\" (got `title` = 'bad \\udcff')"),
+        ("lone surrogate in content", dict(trn=replace(TRN, 1, content="x \ud800")), "trn.json.gz",
+         f'1 row fails "{text}" (line 2)', "line 2: fails \"title and content (if present) strings of valid Unicode"),
+        ("content not a string", dict(trn=replace(TRN, 1, content=7)), "trn.json.gz",
+         f'1 row fails "{text}" (line 2)', "line 2: fails \"title and content"),
+        ("negative target_rel", dict(trn=replace(TRN, 0, target_rel=[1.0, -0.5])), "trn.json.gz",
+         f'1 row fails "{rel}" (line 1)', f'line 1: fails "{rel}" (got `target_rel` = [1.0, -0.5])'),
+        ("non-numeric target_rel", dict(trn=replace(TRN, 0, target_rel=["high", 1])), "trn.json.gz",
+         f'1 row fails "{rel}" (line 1)', f'line 1: fails "{rel}"'),
+        ("NaN target_rel", dict(trn=TRN[:1] + ['{"uid": "b", "title": "x", "target_ind": [1], "target_rel": [NaN]}']),
+         "trn.json.gz", f'1 row fails "{rel}" (line 2)', f'line 2: fails "{rel}"'),
+        ("empty target_rel", dict(trn=replace(TRN, 1, target_rel=[])), "trn.json.gz",
+         f'1 row fails "{rel}" (line 2)', f'line 2: fails "{rel}"'),
+        ("label out of range", dict(trn=replace(TRN, 1, target_ind=[4])), "trn.json.gz",
+         f'1 row fails "{ind}" (line 2)', f'line 2: fails "{ind}" (got `target_ind` = [4])'),
+        ("negative label", dict(tst=replace(TST, 2, target_ind=[-1])), "tst.json.gz",
+         f'1 row fails "{ind}" (line 3)', f'line 3: fails "{ind}"'),
+        ("repeated label", dict(trn=replace(TRN, 1, target_ind=[2, 2])), "trn.json.gz",
+         f'1 row fails "{ind}" (line 2)', f'line 2: fails "{ind}"'),
+        ("target_ind not a list", dict(trn=replace(TRN, 1, target_ind=2)), "trn.json.gz",
+         f'1 row fails "{ind}" (line 2)', f'line 2: fails "{ind}" (got `target_ind` = 2)'),
+        ("empty training split", dict(trn=[], filter_trn=""), "trn.json.gz", 'fails "at least one row"', 'fails "at least one row"'),
+        ("no labels", dict(lbl=[], trn=[replace(TRN, 3)[3]], tst=[replace(TST, 0, target_ind=[])[0]], filter_trn=""),
+         "lbl.json.gz", 'fails "at least one label"', 'fails "at least one label"'),
+        ("filter row out of range", dict(filter_tst="0 1\n3 0\n"), "filter_labels_test.txt",
+         '1 row fails "filter row in [0, 3)" (line 2)', "line 2: row 3 out of range [0, 3)"),
+        ("filter label out of range", dict(filter_trn="0 1\n\n1 7\n"), "filter_labels_train.txt",
+         '1 row fails "filter label in [0, 4)" (line 3)', "line 3: label 7 out of range [0, 4)"),
+        ("filter line unparseable", dict(filter_trn="0 x\n"), "filter_labels_train.txt",
+         '1 row fails "a line "row label" of two integers" (line 1)', "line 1: expected two integers `row label`"),
+    ]
+
+
+BAD_ROWS = _bad_rows()
+
+
+@pytest.fixture(scope="module")
+def good_stats(tiny_dataset_dir, tmp_path_factory) -> bytes:
+    """metrics/data.json of the tiny dataset, as the validate stage writes it."""
+    from dexml.data.validate import validate_dataset
+
+    tmp = tmp_path_factory.mktemp("stats")
+    validate_dataset(tiny_dataset_dir, tmp / "report.json", tmp / "data.json")
+    return (tmp / "data.json").read_bytes()
+
+
+@pytest.mark.parametrize("overrides,file,validate_says,reader_says", [b[1:] for b in BAD_ROWS],
+                         ids=[b[0] for b in BAD_ROWS])
+def test_every_bad_row_class_is_refused_by_validate_the_reader_and_download(
+        tmp_path, tiny_dataset_dir, good_stats, overrides, file, validate_says, reader_says):
+    from dexml.data import download
+    from dexml.data.dataset import read_dataset
+    from dexml.data.validate import validate_dataset
+    from dexml.errors import DataError
+
+    bad = make_bad(tmp_path / "bad", **overrides)
+    # validate: every failing row named (file, lines, expectation); the statistics untouched
+    metrics = tmp_path / "metrics" / "data.json"
+    metrics.parent.mkdir()
+    metrics.write_bytes(stats := good_stats)
+    with pytest.raises(DataError) as e:
+        validate_dataset(bad, tmp_path / "report.json", metrics)
+    assert f"{bad / file}: {validate_says}" in str(e.value) and "1 problem;" in str(e.value), str(e.value)
+    # the reader train uses: the same row refused, named by file, line and field
+    with pytest.raises(DataError) as e:
+        read_dataset(bad)
+    assert f"{bad / file}" in str(e.value) and reader_says in str(e.value), str(e.value)
+    # download: the last good dataset and the statistics describing it stay
+    out = tmp_path / "data" / "dataset"
+    download.materialise(parse_params({"dataset": {"source": "local", "path": str(tiny_dataset_dir)}}).dataset,
+                         out, tmp_path / "cache")
+    before = snapshot(tmp_path / "data")
+    with pytest.raises(DataError) as e:
+        download.materialise(parse_params({"dataset": {"source": "local", "path": str(bad)}}).dataset,
+                             out, tmp_path / "cache")
+    msg = str(e.value)
+    assert msg.startswith(f"dataset from {bad} fails a check, so {out} is left as it was: {file}") and reader_says in msg, msg
+    assert snapshot(tmp_path / "data") == before and metrics.read_bytes() == stats  # which describe the disk
+
+
+def test_a_valid_dataset_passes_all_three_alike(tmp_path):
+    from test_validate import make_dataset
+
+    from dexml.data.dataset import check_dataset, read_dataset
+    from dexml.data.validate import validate_dataset
+
+    root = make_dataset(tmp_path / "ds")
+    stats = validate_dataset(root, tmp_path / "r.json", tmp_path / "m.json")
+    ds = read_dataset(root)
+    assert check_dataset(root) == {"labels": 4, "trn": 5, "tst": 3}
+    assert stats["trn"]["points"] == len(ds.trn.uids) == 5 and stats["labels"] == ds.num_labels == 4
+    assert ds.trn.uids[4] == "5" and ds.trn.labels[0, 1] == 0.5  # integer uids and relevance kept
+
+
+def test_cli_download_of_a_bad_dataset_exits_1_and_keeps_the_last_good_one(tmp_path, monkeypatch, capsys):
+    """The issue's case: `dexml download -S dataset.source=local -S dataset.path=DIR_WITH_A_TRUNCATED_LINE`."""
+    from test_validate import TRN
+
+    from dexml.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("dataset:\n  synthetic: {num_labels: 8, num_train: 20, num_test: 5}\n")
+    assert cli(["download"]) == 0 and cli(["validate"]) == 0
+    before = snapshot(tmp_path / "data"), (tmp_path / "metrics" / "data.json").read_bytes()
+    bad = make_bad(tmp_path / "bad", trn=TRN[:2] + ['{"uid": "c", "title": "thi'])
+    assert cli(["download", "-S", "dataset.source=local", "-S", f"dataset.path={bad}"]) == 1
+    assert "trn.json.gz, line 3: malformed JSON" in capsys.readouterr().err
+    assert (snapshot(tmp_path / "data"), (tmp_path / "metrics" / "data.json").read_bytes()) == before
+    assert cli(["validate"]) == 0  # metrics/data.json still describes what is on disk
+    assert (tmp_path / "metrics" / "data.json").read_bytes() == before[1]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dataset"]  # no temporary left
+
+
+def test_several_candidate_datasets_are_refused_and_listed(tmp_path, tiny_dataset_dir):
+    import shutil
+    import zipfile
+
+    from dexml.data import download
+    from dexml.errors import DataError
+
+    src = tmp_path / "src"
+    for name in ("LF-b", "LF-a"):
+        shutil.copytree(tiny_dataset_dir, src / name)
+    out = tmp_path / "data" / "dataset"
+    with pytest.raises(DataError, match=r"src: 2 subdirectories hold a dataset \(LF-a, LF-b\); expected one"):
+        download.materialise(parse_params({"dataset": {"source": "local", "path": str(src)}}).dataset, out, tmp_path / "c")
+    archive = tmp_path / "two.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            if p.is_file():
+                zf.write(p, p.relative_to(src).as_posix())
+    with pytest.raises(DataError, match=r"2 subdirectories hold a dataset \(LF-a, LF-b\)"):
+        download.materialise(parse_params({"dataset": {"source": "local", "path": str(archive)}}).dataset, out, tmp_path / "c")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_a_truncated_archive_is_named_as_such(tmp_path, tiny_dataset_dir, kind):
+    import shutil
+    import tarfile
+    import zipfile
+
+    from dexml.data import download
+    from dexml.errors import DataError, TransientError
+
+    archive = tmp_path / f"LF.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in tiny_dataset_dir.iterdir():
+                zf.write(p, f"LF/{p.name}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(tiny_dataset_dir, arcname="LF")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "data" / "dataset"
+    shutil.copytree(tiny_dataset_dir, out)
+    before = snapshot(out)
+    with pytest.raises(DataError) as e:
+        download.materialise(parse_params({"dataset": {"source": "local", "path": str(archive)}}).dataset, out, tmp_path / "c")
+    msg = str(e.value)
+    assert str(archive) in msg and "not a zip or tar archive" not in msg
+    assert ("truncated or corrupt zip archive" if kind == "zip" else "cannot extract") in msg, msg
+    assert not isinstance(e.value, TransientError)  # retrying cannot fix it
+    assert snapshot(out) == before

@@ -8,12 +8,18 @@ On disk (one directory):
     dataset.json               written by `download`: name and propensity constants (A, B)
 
 In memory: `XMCDataset` with a `Split` per side (texts + a CSR label matrix) and `LabelSet`.
-This reader is strict and stops at the first problem; the `validate` stage reports all of them.
+
+One set of checks (the predicates and their descriptions below) decides what a dataset may
+hold, wherever it is read for the first time: this reader (train, index, evaluate) stops at the
+first problem, `check_dataset` (what `download` runs before it swaps a dataset in) streams the
+same checks, and the `validate` stage's great-expectations suite reports every failing row of
+the same predicates. So nothing the validate stage rejects reaches training.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -111,45 +117,134 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: cannot read as gzipped JSON lines ({e})") from None
 
 
-def read_labelset(path: Path) -> LabelSet:
-    """Labels (uid, title, content) from an lbl.json.gz, in label-index order."""
-    uids, titles, contents = [], [], []
+# --- the checks (shared with dexml/data/validate.py) -------------------------------------
+
+EXPECT_UID = "uid present (a non-empty string or an integer)"
+EXPECT_UNIQUE = "uid unique"
+EXPECT_TITLE = "title a non-empty string"
+EXPECT_TEXT = "title and content (if present) strings of valid Unicode (no lone surrogates)"
+EXPECT_TARGET_REL = "target_rel (if present) positive numbers, as many as target_ind"
+EXPECT_LABELS = "at least one label"
+EXPECT_ROWS = "at least one row"
+EXPECT_FILTER_LINE = 'a line "row label" of two integers'
+
+
+def expect_target_ind(num_labels: int) -> str:
+    return f"target_ind a list of integers in [0, {num_labels}) without duplicates"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate (JSON "\\udcff") cannot be encoded or tokenized
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def uid_ok(uid) -> bool:
+    return (isinstance(uid, str) and uid != "") or _is_int(uid)
+
+
+def title_ok(title) -> bool:
+    return isinstance(title, str) and bool(title.strip())
+
+
+def text_ok(title, content) -> bool:
+    """Title (when a string; `title_ok` judges the rest) and content are encodable text."""
+    return ((not isinstance(title, str) or _is_unicode(title))
+            and (content is None or (isinstance(content, str) and _is_unicode(content))))
+
+
+def target_ind_ok(inds, num_labels: int) -> bool:
+    return (isinstance(inds, list) and all(_is_int(j) and 0 <= j < num_labels for j in inds)
+            and len(set(inds)) == len(inds))
+
+
+def target_rel_ok(rels, inds) -> bool:
+    return rels is None or (
+        isinstance(rels, list) and isinstance(inds, list) and len(rels) == len(inds)
+        and all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+                for r in rels))
+
+
+def row_problem(obj: dict, num_labels: int | None = None) -> tuple[str, str] | None:
+    """(field, expectation) of the first check a row fails, None if it passes; num_labels None
+    for a label row, else a split row."""
+    title, content = obj.get("title"), obj.get("content")
+    checks = [("uid", uid_ok(obj.get("uid")), EXPECT_UID),
+              ("title", title_ok(title), EXPECT_TITLE),
+              ("title" if isinstance(title, str) and not _is_unicode(title) else "content",
+               text_ok(title, content), EXPECT_TEXT)]
+    if num_labels is not None:
+        checks += [("target_ind", target_ind_ok(obj.get("target_ind"), num_labels), expect_target_ind(num_labels)),
+                   ("target_rel", target_rel_ok(obj.get("target_rel"), obj.get("target_ind")), EXPECT_TARGET_REL)]
+    return next(((name, expected) for name, ok, expected in checks if not ok), None)
+
+
+def parse_filter_line(text: str) -> tuple[int, int] | None:
+    """(row, label) from a filter file's line "row label", None when it is not two integers."""
+    parts = text.split()
+    try:
+        return (int(parts[0]), int(parts[1])) if len(parts) == 2 else None
+    except ValueError:
+        return None
+
+
+def checked_rows(path: Path, num_labels: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a labels file (num_labels None) or a split, each row through the
+    checks; DataError naming the file, line, field and expectation at the first that fails."""
+    seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        if "uid" not in obj or "title" not in obj:
-            raise DataError(f"{path}, line {lineno}: expected fields `uid` and `title`")
+        problem = row_problem(obj, num_labels)
+        if problem is not None:
+            name, expected = problem
+            got = f"`{name}` = {_shown(obj[name])}" if name in obj else f"no `{name}`"
+            raise DataError(f'{path}, line {lineno}: fails "{expected}" (got {got})')
+        uid = str(obj["uid"])
+        if uid in seen:
+            raise DataError(f'{path}, line {lineno}: fails "{EXPECT_UNIQUE}" (uid {uid!r} is also on line {seen[uid]})')
+        seen[uid] = lineno
+        yield lineno, obj
+    if not seen:
+        raise DataError(f'{path}: fails "{EXPECT_LABELS if num_labels is None else EXPECT_ROWS}" (no rows)')
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_labelset(path: Path) -> LabelSet:
+    """Labels (uid, title, content) from an lbl.json.gz, in label-index order (checked)."""
+    uids, titles, contents = [], [], []
+    for _, obj in checked_rows(path):
         uids.append(str(obj["uid"]))
-        titles.append(str(obj["title"]))
-        contents.append(str(obj.get("content") or ""))
+        titles.append(obj["title"])
+        contents.append(obj.get("content") or "")
     return LabelSet(uids, titles, contents)
 
 
 def _read_split(path: Path, num_labels: int) -> Split:
     uids, titles, contents = [], [], []
     indptr, indices, values = [0], [], []
-    for lineno, obj in iter_jsonl(path):
-        try:
-            inds = obj["target_ind"]
-            if not isinstance(inds, list):
-                raise DataError(f"{path}, line {lineno}: `target_ind` must be a list of label ids, got {inds!r}")
-            rels = obj.get("target_rel") or [1.0] * len(inds)
-            uids.append(str(obj["uid"]))
-            titles.append(str(obj["title"]))
-        except KeyError as e:
-            raise DataError(f"{path}, line {lineno}: missing field {e}") from None
-        if len(rels) != len(inds):
-            raise DataError(f"{path}, line {lineno}: `target_rel` has {len(rels)} entries, `target_ind` {len(inds)}")
-        for j in inds:
-            if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < num_labels:
-                raise DataError(f"{path}, line {lineno}: `target_ind` entry {j!r} is not an integer in [0, {num_labels})")
-        contents.append(str(obj.get("content") or ""))
+    for _, obj in checked_rows(path, num_labels):
+        inds = obj["target_ind"]
+        rels = obj.get("target_rel")
+        uids.append(str(obj["uid"]))
+        titles.append(obj["title"])
+        contents.append(obj.get("content") or "")
         indices.extend(inds)
-        values.extend(float(r) for r in rels)
+        values.extend([1.0] * len(inds) if rels is None else [float(r) for r in rels])
         indptr.append(len(indices))
     labels = sp.csr_matrix(
         (np.asarray(values, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
         shape=(len(uids), num_labels),
     )
-    labels.sum_duplicates()
+    labels.sum_duplicates()  # none (the checks refuse them); sorts and marks the matrix canonical
     return Split(uids, titles, contents, labels)
 
 
@@ -159,20 +254,36 @@ def read_filter(path: Path, num_rows: int | None = None, num_labels: int | None 
     if not path.exists():
         return np.zeros((0, 2), np.int64)
     pairs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split()
-        try:
-            row, lab = (int(x) for x in parts)
-        except ValueError:
-            raise DataError(f"{path}, line {lineno}: expected two integers `row label`, got {line!r}") from None
+        pair = parse_filter_line(line)
+        if pair is None:
+            raise DataError(f"{path}, line {lineno}: expected two integers `row label`, got {line[:80]!r}")
+        row, lab = pair
         if num_rows is not None and not 0 <= row < num_rows:
             raise DataError(f"{path}, line {lineno}: row {row} out of range [0, {num_rows})")
         if num_labels is not None and not 0 <= lab < num_labels:
             raise DataError(f"{path}, line {lineno}: label {lab} out of range [0, {num_labels})")
         pairs.append((row, lab))
     return np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+def check_dataset(root: str | Path) -> dict:
+    """The reader's checks over every file under `root`, streamed (no rows kept but the uids);
+    returns {"labels", "trn", "tst"} row counts. What `download` runs before it replaces data.dir."""
+    root = Path(root)
+    num_labels = sum(1 for _ in checked_rows(root / LABEL_FILE))
+    counts = {"labels": num_labels}
+    for side, name in SPLIT_FILES.items():
+        counts[side] = sum(1 for _ in checked_rows(root / name, num_labels))
+        read_filter(root / FILTER_FILES[side], counts[side], num_labels)
+    read_meta(root)
+    return counts
 
 
 def read_meta(root: str | Path) -> dict:

@@ -11,13 +11,22 @@ Sources (params `dataset.source`):
 Raw downloads are kept in cache/downloads/ (outside data.dir, which is the DVC output), so a
 rerun does not fetch again. Transfers retry with exponential backoff, resume a partial file
 (HTTP Range), check sha256 when known and appear under their final name only when complete.
-The dataset is written through an atomic directory swap: a failure leaves the previous one.
+
+The dataset is materialised into a temporary directory next to data.dir, checked there with
+the reader's checks (dexml.data.dataset.check_dataset: the same predicates as the validate
+stage), and only then swapped in: a failed download, or a dataset that fails a check, leaves
+the last good dataset (and the metrics/data.json that describes it) in place.
+
+Errors that retrying can fix (the network after the retries, a source path not there yet)
+are `TransientError`s (`dexml download` exits 75); the rest (a checksum mismatch, a refused
+archive, a row that fails a check) are permanent: the retrain flow retries only the former.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import http.client
+import os
 import re
 import sys
 import tempfile
@@ -32,8 +41,8 @@ from typing import Callable, Optional
 from dexml import fileio
 from dexml.config import DatasetParams
 from dexml.data import formats
-from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, write_dataset
-from dexml.errors import ConfigError, DataError
+from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, check_dataset, write_dataset_files
+from dexml.errors import ConfigError, DataError, TransientError
 from dexml.fileio import sha256_file
 
 CACHE_DIR = Path("cache/downloads")
@@ -96,7 +105,9 @@ def materialise(ds: DatasetParams, out_dir: str | Path, cache_dir: str | Path = 
 
         data = generate(ds.synthetic)
         data.propensity = _propensity(ds, DEFAULT_PROPENSITY)
-        write_dataset(data, out_dir)
+        with fileio.atomic_dir(out_dir) as tmp:
+            write_dataset_files(data, tmp)
+            _check_before_swap(tmp, out_dir, "the synthetic dataset")
         return out_dir
     if source in registry:
         entry = registry[source]
@@ -134,22 +145,36 @@ def _convert_into(src: Path, out_dir: Path, convert, name: str, propensity: tupl
         if src.is_file():
             if sha256:
                 verify_sha256(src, sha256)
-            if not formats.is_archive(src):
-                raise DataError(f"{src}: not a zip or tar archive (expected .zip, .tar.gz or .tar)")
+            formats.check_archive(src)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unpack-", dir=_mkdir(cache_dir))))
             log(f"extracting {src}")
             formats.safe_extract(src, work)
-            src = work
+            origin, src = src, work
+        else:
+            origin = src
         with fileio.atomic_dir(out_dir) as tmp:
             convert(src, tmp)
             fileio.write_json(tmp / META_FILE, {"name": name, "propensity": list(propensity)})
+            _check_before_swap(tmp, out_dir, str(origin))
     log(f"wrote {name} to {out_dir}")
+
+
+def _check_before_swap(tmp: Path, out_dir: Path, origin: str) -> None:
+    """The reader's checks on the materialised copy; DataError (the swap does not happen) naming
+    the file (as it is called in the dataset), line, field and expectation."""
+    try:
+        counts = check_dataset(tmp)
+    except DataError as e:
+        detail = str(e).replace(f"{tmp}{os.sep}", "")
+        kept = f"{out_dir} is left as it was" if out_dir.exists() else f"nothing was written to {out_dir}"
+        raise DataError(f"dataset from {origin} fails a check, so {kept}: {detail}") from None
+    log(f"checked {counts['trn']} train / {counts['tst']} test rows, {counts['labels']} labels")
 
 
 def _local_path(ds: DatasetParams) -> Path:
     src = Path(ds.path)
-    if not src.exists():
-        raise ConfigError(f"params key `dataset.path`: {src} does not exist")
+    if not src.exists():  # transient: a scheduled run may come before the new data does
+        raise TransientError(f"params key `dataset.path`: {src} does not exist")
     if src.is_dir() and ds.sha256:
         raise ConfigError("params key `dataset.sha256`: a checksum applies to an archive, "
                           f"but {src} is a directory")
@@ -207,8 +232,8 @@ def fetch_gdrive(file_id: str, dest: Path, sha256: str | None = None, retries: i
                        timeout=TIMEOUT_S)
     except (gdown.exceptions.FileURLRetrievalError, gdown.exceptions.DownloadError,
             requests.RequestException, OSError) as e:
-        raise DataError(f"Google Drive file {file_id}: download failed ({e}); any partial file "
-                        f"is kept next to {dest} so a rerun resumes") from None
+        raise TransientError(f"Google Drive file {file_id}: download failed ({e}); any partial file "
+                             f"is kept next to {dest} so a rerun resumes") from None
     if sha256:
         try:
             verify_sha256(dest, sha256)
@@ -254,8 +279,8 @@ def fetch_url(url: str, dest: str | Path, sha256: str | None = None, retries: in
             raise DataError(f"{url}: {e}") from None
         except (OSError, http.client.HTTPException, _Incomplete) as e:
             if attempt == retries:
-                raise DataError(f"{url}: download failed after {retries + 1} attempts ({e}); "
-                                f"the partial file {part} is kept so a rerun resumes") from None
+                raise TransientError(f"{url}: download failed after {retries + 1} attempts ({e}); "
+                                     f"the partial file {part} is kept so a rerun resumes") from None
             delay = min(backoff_s * 2 ** attempt, MAX_BACKOFF_S)
             log(f"{url}: {e}; retrying in {delay:.1f} s")
             time.sleep(delay)

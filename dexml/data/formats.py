@@ -51,11 +51,16 @@ def find_root(src: Path, required: tuple[str, ...]) -> Path:
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"{src}: expected a directory holding {', '.join(required)}")
-    candidates = [src] + sorted(
-        p for p in src.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
-    for d in candidates:
-        if all((d / f).is_file() for f in required):
-            return d
+    if all((src / f).is_file() for f in required):
+        return src
+    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+    complete = [d for d in subdirs if all((d / f).is_file() for f in required)]
+    if len(complete) == 1:
+        return complete[0]
+    if complete:  # never guess which one was meant
+        raise DataError(f"{src}: {len(complete)} subdirectories hold a dataset ({', '.join(d.name for d in complete)}); "
+                        f"expected one: point dataset.path at the one you mean")
+    candidates = [src] + subdirs
     best = max(candidates, key=lambda d: sum((d / f).is_file() for f in required))
     missing = [f for f in required if not (best / f).is_file()]
     raise DataError(f"{best}: missing {', '.join(missing)} (expected {', '.join(required)} at the "
@@ -64,6 +69,27 @@ def find_root(src: Path, required: tuple[str, ...]) -> Path:
 
 def is_archive(path: Path) -> bool:
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+
+# Leading bytes of the archive formats (and the compressions tarfile opens), to tell a truncated
+# or corrupt archive from a file that is no archive at all.
+_MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
+          (b"\xfd7zXZ\x00", "xz"))
+
+
+def check_archive(path: Path) -> None:
+    """DataError unless `path` is a complete zip or tar archive, naming which problem it has."""
+    if is_archive(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(512)
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head[257:262] == b"ustar":
+        kind = "tar"
+    if kind is not None:
+        raise DataError(f"{path}: a truncated or corrupt {kind} archive ({path.stat().st_size} bytes; "
+                        "download it again)")
+    raise DataError(f"{path}: not a zip or tar archive (expected .zip, .tar.gz or .tar)")
 
 
 def safe_extract(archive: Path, target: Path) -> None:

@@ -1,9 +1,10 @@
 """The `validate` stage: a great-expectations suite over the canonical dataset, and its statistics.
 
 Each JSON-lines file is parsed line by line (malformed lines are collected with their line
-numbers), then turned into a pandas frame with one row per line and a `line` column. Checks
-that great-expectations cannot state directly (a row's label list in range and without
-duplicates) are precomputed as boolean columns that the suite then expects to be true. Every
+numbers), then turned into a pandas frame with one row per line and a `line` column. The row
+checks are dexml/data/dataset.py's predicates (the same the strict reader applies, so the
+reader never accepts what this suite rejects), precomputed as boolean columns that the suite
+expects to be true; uniqueness and row counts are great-expectations' own. Every
 problem is collected, not just the first: the full report goes to reports/validation.json and
 a failure raises one DataError naming file, lines, field and expectation. Only a dataset that
 passes gets its statistics written to metrics/data.json (DVC metrics), so a failed run leaves
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dexml import fileio
+from dexml.data import dataset as checks
 from dexml.data.dataset import FILTER_FILES, LABEL_FILE, SPLIT_FILES
 from dexml.errors import DataError
 from dexml.paths import DATA_METRICS, VALIDATION_REPORT
@@ -77,27 +79,12 @@ def _objects(path: Path, res: FileResult):
         res.read_error = f"cannot read as gzipped JSON lines ({e})"
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _target_ind_ok(inds, num_labels: int) -> bool:
-    return (isinstance(inds, list) and all(_is_int(j) and 0 <= j < num_labels for j in inds)
-            and len(set(inds)) == len(inds))
-
-
-def _target_rel_ok(rels, inds) -> bool:
-    return rels is None or (
-        isinstance(rels, list) and isinstance(inds, list) and len(rels) == len(inds)
-        and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rels))
-
-
 def _scan(path: Path, res: FileResult, num_labels: int | None = None):
     """The frame of a labels file (num_labels None) or a split, built while streaming: row
     objects are not kept (files can be GBs). For a split, also the training count per label."""
     import pandas as pd
 
-    cols = {"line": [], "uid": [], "title_len": []}
+    cols = {"line": [], "uid": [], "title_ok": [], "text_ok": []}
     if num_labels is not None:
         cols.update(target_ind_ok=[], target_rel_ok=[], num_targets=[])
     counts = np.zeros(num_labels or 0, np.int64)
@@ -105,13 +92,14 @@ def _scan(path: Path, res: FileResult, num_labels: int | None = None):
     for lineno, obj in _objects(path, res):
         uid, title = obj.get("uid"), obj.get("title")
         cols["line"].append(lineno)
-        cols["uid"].append(str(uid) if (isinstance(uid, str) and uid) or _is_int(uid) else None)
-        cols["title_len"].append(len(title.strip()) if isinstance(title, str) else 0)
+        cols["uid"].append(str(uid) if checks.uid_ok(uid) else None)
+        cols["title_ok"].append(checks.title_ok(title))
+        cols["text_ok"].append(checks.text_ok(title, obj.get("content")))
         if num_labels is not None:
             inds = obj.get("target_ind")
-            good = _target_ind_ok(inds, num_labels)
+            good = checks.target_ind_ok(inds, num_labels)
             cols["target_ind_ok"].append(good)
-            cols["target_rel_ok"].append(_target_rel_ok(obj.get("target_rel"), inds))
+            cols["target_rel_ok"].append(checks.target_rel_ok(obj.get("target_rel"), inds))
             cols["num_targets"].append(len(inds) if good else 0)
             if good:
                 pending.extend(inds)
@@ -128,15 +116,11 @@ def _filter_frame(path: Path, res: FileResult, num_rows: int, num_labels: int):
 
     lines, parsed, row_ok, label_ok = [], [], [], []
     if path.is_file():
-        for lineno, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for lineno, text in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
             if not text.strip():
                 continue
             res.lines += 1
-            parts = text.split()
-            try:
-                row, label = (int(x) for x in parts) if len(parts) == 2 else (None, None)
-            except ValueError:
-                row, label = None, None
+            row, label = checks.parse_filter_line(text) or (None, None)
             lines.append(lineno)
             parsed.append(row is not None)
             # An unparsed line fails only the parse check.
@@ -151,22 +135,24 @@ def _expectations(kind: str, num_labels: int, num_rows: int):
     """(human description, expectation) pairs for one file kind."""
     import great_expectations.expectations as gxe
 
+    def true(column: str):
+        return gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[True])
+
     text = [
-        ("uid present (a non-empty string or an integer)", gxe.ExpectColumnValuesToNotBeNull(column="uid")),
-        ("uid unique", gxe.ExpectColumnValuesToBeUnique(column="uid")),
-        ("title a non-empty string", gxe.ExpectColumnValuesToBeBetween(column="title_len", min_value=1)),
+        (checks.EXPECT_UID, gxe.ExpectColumnValuesToNotBeNull(column="uid")),
+        (checks.EXPECT_UNIQUE, gxe.ExpectColumnValuesToBeUnique(column="uid")),
+        (checks.EXPECT_TITLE, true("title_ok")),
+        (checks.EXPECT_TEXT, true("text_ok")),
     ]
     if kind == "lbl":
-        return [("at least one label", gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text
+        return [(checks.EXPECT_LABELS, gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text
     if kind == "split":
-        return [("at least one row", gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text + [
-            (f"target_ind a list of integers in [0, {num_labels}) without duplicates",
-             gxe.ExpectColumnValuesToBeInSet(column="target_ind_ok", value_set=[True])),
-            ("target_rel (if present) positive numbers, as many as target_ind",
-             gxe.ExpectColumnValuesToBeInSet(column="target_rel_ok", value_set=[True])),
+        return [(checks.EXPECT_ROWS, gxe.ExpectTableRowCountToBeBetween(min_value=1))] + text + [
+            (checks.expect_target_ind(num_labels), true("target_ind_ok")),
+            (checks.EXPECT_TARGET_REL, true("target_rel_ok")),
         ]
     return [  # filter file
-        ('a line "row label" of two integers', gxe.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True])),
+        (checks.EXPECT_FILTER_LINE, true("parsed")),
         (f"filter row in [0, {num_rows})", gxe.ExpectColumnValuesToBeInSet(column="row_ok", value_set=[True])),
         (f"filter label in [0, {num_labels})",
          gxe.ExpectColumnValuesToBeInSet(column="label_ok", value_set=[True])),
