@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 
 from dexml import fileio, paths
 from dexml.config import load_params, set_dotted
-from dexml.errors import DexmlError
+from dexml.errors import EXIT_TRANSIENT, DexmlError
 from dexml.pipeline.promote import exclusive_lock, gate_and_promote, read_data_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,22 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 class StageFailed(DexmlError):
-    """A pipeline stage exited with an error."""
+    """A pipeline stage exited with an error; `transient` when its command exited with
+    EXIT_TRANSIENT (a source that could not be reached: retrying may succeed)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """The download task's retry condition: retry a source that could not be reached, never a
+    permanent failure (a checksum mismatch, a refused archive, a row that fails a check)."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the result could not be read back: do not guess
+        return False
+    return isinstance(error, StageFailed) and error.transient
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -132,7 +147,11 @@ def run_stage(workspace: str, stage: str) -> dict:
                 logger.info(line)
                 tail.append(line)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (dvc repro exit code {proc.returncode}):\n" + "\n".join(tail))
+        # dvc repro exits 255 whatever the command did; its last words name the command's status.
+        transient = any(line.rstrip().endswith(f"exited with {EXIT_TRANSIENT}") for line in tail)
+        raise StageFailed(f"stage {stage} failed (dvc repro exit code {proc.returncode}"
+                          + (", a transient failure: retrying may succeed" if transient else "") + "):\n"
+                          + "\n".join(tail), transient=transient)
     return {"stage": stage, "status": "ran", "seconds": round(time.monotonic() - start, 1)}
 
 
@@ -141,7 +160,7 @@ def gate(workspace: str, production: str) -> dict:
     """Compare the candidate bundle with production; promote it if the gate passes."""
     ws = Path(workspace)
     flow_params = load_params(ws / "params.yaml").flow
-    result = gate_and_promote(ws / paths.BUNDLE_DIR, production, flow_params, ws / paths.DATA_METRICS)
+    result = gate_and_promote(ws / paths.BUNDLE_DIR, production, flow_params, ws / paths.DATA_METRICS, project=ws)
     for reason in result.decision.reasons:
         get_run_logger().info(reason)
     data_stats = ws / paths.DATA_METRICS
@@ -183,7 +202,7 @@ def retrain(overrides: dict[str, Any] | None = None, repo: str | None = None, wo
             for step in STAGES:
                 options: dict[str, Any] = {"name": step, "retries": 0}
                 if step == "download" and flow_params.download_retries > 0:
-                    options.update(retries=flow_params.download_retries,
+                    options.update(retries=flow_params.download_retries, retry_condition_fn=retry_if_transient,
                                    retry_delay_seconds=exponential_backoff(flow_params.download_retry_delay))
                 summary["stages"].append(run_stage.with_options(**options)(str(ws), step))
             step = "gate"

@@ -128,7 +128,9 @@ def runs(project, tiny_dataset_dir, tmp_path_factory) -> dict:
     out["worse"] = run_info(retrain(repo=str(project), overrides=worse, return_state=True))
     out["worse"]["production"] = production(project)
     bad = corrupt_dataset(tiny_dataset_dir, tmp_path_factory.mktemp("bad") / "data")
-    invalid = {"dataset.source": "local", "dataset.path": str(bad)}
+    # download retries allowed: a dataset that fails a check is a permanent failure, not retried
+    invalid = {"dataset.source": "local", "dataset.path": str(bad), "flow.download_retries": 2,
+               "flow.download_retry_delay": 0}
     out["invalid"] = run_info(retrain(repo=str(project), overrides=invalid, return_state=True))
     out["invalid"]["production"] = production(project)
     return out
@@ -184,17 +186,24 @@ def test_worse_run_reruns_from_train_and_is_not_promoted(runs, project):
 
 
 @pytest.mark.slow
-def test_invalid_data_fails_at_validation_without_retry_and_production_is_unchanged(runs):
+def test_invalid_data_fails_at_download_without_retry_and_production_is_unchanged(runs, project):
+    """The download stage checks the new data before it replaces the last good dataset."""
     invalid = runs["invalid"]
     assert invalid["state"].is_failed()
-    assert invalid["tasks"]["download"].state.is_completed()
-    validate = invalid["tasks"]["validate"]
-    assert validate.state.is_failed() and validate.run_count == 1  # not retried
-    assert "train" not in invalid["tasks"]
+    download = invalid["tasks"]["download"]
+    assert download.state.is_failed() and download.run_count == 1  # permanent: not retried
+    assert "validate" not in invalid["tasks"] and "train" not in invalid["tasks"]
     assert invalid["production"] == runs["first"]["production"]
     markdown = report(invalid)
-    assert "# Retrain: failed at validate" in markdown and "Production is unchanged." in markdown
-    assert "failed validation" in markdown and "trn.json.gz" in markdown
+    assert "# Retrain: failed at download" in markdown and "Production is unchanged." in markdown
+    assert "fails a check" in markdown and 'trn.json.gz, line 4: fails "target_ind' in markdown
+    assert "transient" not in markdown
+    # the workspace still holds the last good dataset, as its statistics say
+    from dexml.data.dataset import read_dataset
+
+    ws = project / ".dexml/workspace"
+    stats = json.loads((ws / paths.DATA_METRICS).read_text())
+    assert read_dataset(ws / "data/dataset").trn.labels.shape == (stats["trn"]["points"], stats["labels"])
 
 
 @pytest.mark.slow
@@ -235,7 +244,7 @@ def test_download_failures_are_retried(runs, project, tmp_path):
     download = info["tasks"]["download"]
     assert download.state.is_failed() and download.run_count == 2  # the first try and one retry
     assert "validate" not in info["tasks"] and production(project) == before
-    assert "does not exist" in report(info)
+    assert "does not exist" in report(info) and "a transient failure: retrying may succeed" in report(info)
 
 
 @pytest.mark.slow

@@ -1,14 +1,17 @@
 """The promotion gate (a pure function), production releases, rollback and the lock."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import pytest
+import yaml
 
+from dexml import fileio, paths
 from dexml.cli import main as cli
 from dexml.config import FlowParams
-from dexml.errors import BundleError, ConfigError, DexmlError
+from dexml.errors import EXIT_NOT_PROMOTED, BundleError, ConfigError, DexmlError
 from dexml.pipeline.promote import (
     decide,
     exclusive_lock,
@@ -80,13 +83,21 @@ def test_bad_gate_params_are_config_errors():
 
 # --- production, promotion and rollback -------------------------------------------------
 
-def make_bundle(root, p5: float, tag: str):
-    """A bundle-shaped directory with a real manifest (checksums are file-agnostic)."""
+def make_bundle(project, p5: float, tag: str):
+    """<project>/artifacts/bundle, a bundle-shaped directory with a real manifest (checksums are
+    file-agnostic), plus what the evaluate stage leaves beside it: metrics/eval.json and the
+    dvc.lock entries DVC records for both (md5 of the bytes; tests/test_reliability.py makes the
+    record with real `dvc repro`). Returns the bundle directory."""
+    root = project / paths.BUNDLE_DIR
     (root / "encoder").mkdir(parents=True)
     (root / "index").mkdir()
     (root / "encoder" / "model.onnx").write_bytes(f"onnx {tag}".encode())
     (root / "index" / "labels.jsonl").write_text(json.dumps({"uid": tag, "title": tag}) + "\n")
     write_manifest(root, dataset="tiny", params={}, metrics=metrics(P_5=p5), throughput={}, git_rev=None)
+    fileio.write_json(project / paths.EVAL_METRICS, metrics(P_5=p5))
+    outs = [{"path": rel, "hash": "md5", "md5": hashlib.md5((project / rel).read_bytes()).hexdigest()}
+            for rel in (paths.BUNDLE_MANIFEST, paths.EVAL_METRICS)]
+    (project / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"evaluate": {"outs": outs}}}))
     return root
 
 
@@ -155,15 +166,15 @@ def test_a_held_lock_fails_fast_naming_the_holder(tmp_path):
 def test_promote_and_rollback_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("flow:\n  gate_metric: P@5\n  min_delta: 1.0\n  guarded: {}\n")
-    make_bundle(tmp_path / "a", 40.0, "a")
-    make_bundle(tmp_path / "b", 40.5, "b")  # better, but by less than min_delta
+    a = str(make_bundle(tmp_path / "a", 40.0, "a"))
+    b = str(make_bundle(tmp_path / "b", 40.5, "b"))  # better, but by less than min_delta
     prod = ["--production", "prod"]
-    assert cli(["promote", "--bundle", "a", *prod]) == 0
-    assert cli(["promote", "--bundle", "b", *prod]) == 0
+    assert cli(["promote", "--bundle", a, *prod]) == 0
+    assert cli(["promote", "--bundle", b, *prod]) == EXIT_NOT_PROMOTED == 3
     out = capsys.readouterr()
     assert "not promoted; production unchanged" in out.out and "did not improve enough" in out.err
     assert (tmp_path / "prod/current/encoder/model.onnx").read_bytes() == b"onnx a"
-    assert cli(["promote", "--bundle", "b", "-S", "flow.min_delta=0.5", *prod]) == 0
+    assert cli(["promote", "--bundle", b, "-S", "flow.min_delta=0.5", *prod]) == 0
     assert (tmp_path / "prod/current/encoder/model.onnx").read_bytes() == b"onnx b"
     assert cli(["rollback", *prod]) == 0
     assert (tmp_path / "prod/current/encoder/model.onnx").read_bytes() == b"onnx a"

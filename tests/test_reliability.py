@@ -161,10 +161,13 @@ def predict_cli(*args: str, stdin: bytes | None = None, limit: bool = False) -> 
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under root (relative path -> bytes), symlinks as their target: "nothing changed"."""
+    """Every file under root (relative path -> bytes), symlinks as their target: "nothing changed".
+    Lock files (production's .lock, held while it is read) are not state and are left out."""
     out = {}
     for p in sorted(Path(root).rglob("*")):
         rel = p.relative_to(root).as_posix()
+        if p.name == ".lock":
+            continue
         if p.is_symlink():
             out[rel] = b"-> " + os.readlink(p).encode()
         elif p.is_file():
@@ -504,3 +507,278 @@ def test_a_truncated_archive_is_named_as_such(tmp_path, tiny_dataset_dir, kind):
     assert ("truncated or corrupt zip archive" if kind == "zip" else "cannot extract") in msg, msg
     assert not isinstance(e.value, TransientError)  # retrying cannot fix it
     assert snapshot(out) == before
+
+
+# --- the promotion gate decides on metrics DVC recorded (item 3) -------------------------
+
+MAKE_EVALUATION = """\
+import json, sys
+from pathlib import Path
+from dexml.serve.bundle import write_manifest
+metrics = json.loads(Path("metrics.in").read_text())
+Path("metrics").mkdir(exist_ok=True)
+Path("metrics/eval.json").write_text(json.dumps(metrics, indent=2) + "\\n")
+write_manifest("artifacts/bundle", dataset="tiny", params={}, metrics=metrics, throughput={}, git_rev=None)
+"""
+EVALUATE_DVC_YAML = """\
+stages:
+  evaluate:
+    cmd: python make_evaluation.py
+    deps: [make_evaluation.py, metrics.in]
+    outs: [artifacts/bundle/manifest.json]
+    metrics: [{metrics/eval.json: {cache: false}}]
+"""
+
+
+class Project:
+    """A real DVC project whose `evaluate` stage writes a bundle's manifest and metrics/eval.json
+    (the bundle's encoder/ and index/ are small stand-in files: the gate reads metrics, not models)."""
+
+    def __init__(self, root: Path):
+        self.root, self.bundle = root, root / "artifacts" / "bundle"
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1",
+                    "DVC_SITE_CACHE_DIR": str(root.parent / "dvc-site")}
+        for part, name in (("encoder", "model.onnx"), ("index", "labels.jsonl")):
+            (self.bundle / part).mkdir(parents=True)
+            (self.bundle / part / name).write_text(f"{part} stand-in\n")
+        (root / "make_evaluation.py").write_text(MAKE_EVALUATION)
+        (root / "dvc.yaml").write_text(EVALUATE_DVC_YAML)
+        (root / "params.yaml").write_text("flow: {gate_metric: P@5, min_delta: 0.0, guarded: {P@1: 1.0}}\n")
+        self.run("-m", "dvc", "init", "--no-scm", "-q")
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=self.root, env=self.env, capture_output=True,
+                              text=True, timeout=300)
+
+    def evaluate(self, p5: float) -> None:
+        (self.root / "metrics.in").write_text(json.dumps({"P@1": 80.0, "P@5": p5, "PSP@5": 30.0}))
+        out = self.run("-m", "dvc", "repro", "-f", "evaluate")
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def promote(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run("-m", "dexml.cli", "promote", "--production", "production", *args)
+
+
+def edit_json(path: Path, **changes) -> None:
+    doc = json.loads(path.read_text())
+    for key, value in changes.items():
+        node = doc
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def test_a_candidate_with_edited_metrics_is_refused_and_honest_ones_still_gated(tmp_path):
+    """The issue's case: P@5 36.10 -> 99.00 in the candidate's manifest.json got it promoted,
+    and every honest candidate after it was rejected."""
+    from dexml.errors import EXIT_NOT_PROMOTED
+
+    project = Project(tmp_path / "project")
+    project.evaluate(40.0)
+    assert project.promote().returncode == 0  # the first candidate
+    prod = project.root / "production"
+    before = snapshot(prod)
+
+    project.evaluate(36.10)
+    manifest = project.bundle / "manifest.json"
+    edit_json(manifest, **{"metrics__P@5": 99.0})
+    for force in ([], ["--force"]):
+        out = project.promote(*force)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "artifacts/bundle/manifest.json: not the file the evaluate stage wrote (md5 " in out.stderr
+        assert "dvc.lock records" in out.stderr and "cannot be trusted" in out.stderr
+        assert snapshot(prod) == before
+
+    # Editing metrics/eval.json to match does not help, nor editing it alone: DVC recorded it too.
+    edit_json(project.root / "metrics" / "eval.json", **{"P@5": 99.0})
+    assert "manifest.json: not the file the evaluate stage wrote" in project.promote().stderr
+    project.evaluate(36.10)
+    edit_json(project.root / "metrics" / "eval.json", **{"P@5": 99.0})
+    assert "metrics/eval.json: not the file the evaluate stage wrote" in project.promote().stderr
+    assert snapshot(prod) == before
+
+    project.evaluate(36.10)  # the honest numbers again: gated, not promoted
+    out = project.promote()
+    assert out.returncode == EXIT_NOT_PROMOTED and "gate P@5 did not improve: 40.00 -> 36.10" in out.stderr
+    project.evaluate(41.0)  # an honest better candidate is promoted
+    assert project.promote().returncode == 0
+    assert json.loads((prod / "current" / "manifest.json").read_text())["metrics"]["P@5"] == 41.0
+
+
+def test_a_bundle_without_a_dvc_record_is_refused_naming_the_fix(tmp_path):
+    from test_promote import make_bundle
+
+    bundle = make_bundle(tmp_path / "p", 40.0, "a")
+    (tmp_path / "p" / "dvc.lock").unlink()
+    from dexml.config import FlowParams
+    from dexml.errors import BundleError
+    from dexml.pipeline.promote import gate_and_promote
+
+    with pytest.raises(BundleError, match=r"dvc.lock: not found; the gate trusts only metrics that the evaluate "
+                                          r"stage recorded in DVC: rerun it \(`dvc repro evaluate` in"):
+        gate_and_promote(bundle, tmp_path / "prod", FlowParams())
+    assert not (tmp_path / "prod").exists() or not (tmp_path / "prod" / "current").exists()
+
+
+def test_a_manifest_of_another_format_version_is_refused(tmp_path):
+    from test_promote import make_bundle
+
+    from dexml.errors import BundleError
+    from dexml.serve.bundle import verify_bundle
+
+    bundle = make_bundle(tmp_path / "p", 40.0, "a")
+    for version in (2, None, "1"):
+        edit_json(bundle / "manifest.json", format_version=version)
+        with pytest.raises(BundleError, match=rf"manifest.json: format_version {version!r}, but this dexml reads "
+                                              r"bundles of format_version 1"):
+            verify_bundle(bundle)
+
+
+# --- recovery: a kill at any switch point is undone or finished by the next command (item 6)
+
+def dexml(cwd: Path, *args: str, crash_at: str | None = None, preexec=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DEXML_CRASH_AT", None)
+    if crash_at:
+        env["DEXML_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "dexml.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=preexec)
+
+
+@pytest.mark.parametrize("point", ["atomic_dir:before-swap", "atomic_dir:moved-aside", "atomic_dir:swapped"])
+def test_a_download_killed_inside_the_swap_is_recovered_by_the_next_command(tmp_path, tiny_dataset_dir, point):
+    from dexml.data.dataset import read_dataset
+
+    (tmp_path / "params.yaml").write_text("dataset:\n  synthetic: {num_labels: 8, num_train: 20, num_test: 5}\n")
+    assert dexml(tmp_path, "download").returncode == 0
+    old = snapshot(tmp_path / "data" / "dataset")
+    new = ["-S", "dataset.source=local", "-S", f"dataset.path={tiny_dataset_dir}"]
+    killed = dexml(tmp_path, "download", *new, crash_at=point)
+    assert killed.returncode == -9  # SIGKILL: nothing ran after the point
+    # Whatever the point, the next reader sees a whole dataset: the old one, or the new one once
+    # it was in place (a missing one is put back from where the swap had moved it).
+    ds = read_dataset(tmp_path / "data" / "dataset")
+    assert ds.num_labels == (40 if point == "atomic_dir:swapped" else 8)
+    # The next download finishes the job and leaves nothing behind.
+    assert dexml(tmp_path, "download", *new).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dataset"]
+    assert read_dataset(tmp_path / "data" / "dataset").num_labels == 40
+    assert snapshot(tmp_path / "data" / "dataset") != old
+
+
+def production_state(prod: Path) -> dict:
+    link = lambda name: os.readlink(prod / name) if (prod / name).is_symlink() else None  # noqa: E731
+    return {"current": link("current"), "previous": link("previous"),
+            "releases": sorted(p.name for p in (prod / "releases").iterdir()),
+            "other": sorted(p.name for p in prod.iterdir() if p.name not in ("current", "previous", "releases", ".lock"))}
+
+
+@pytest.fixture
+def production(tmp_path):
+    """Three candidate projects (P@5 40, 41, 42) and production holding the first two."""
+    from test_promote import make_bundle
+
+    (tmp_path / "params.yaml").write_text("flow: {guarded: {}}\n")
+    bundles = [str(make_bundle(tmp_path / name, p5, name)) for name, p5 in (("a", 40.0), ("b", 41.0), ("c", 42.0))]
+    for bundle in bundles[:2]:
+        assert dexml(tmp_path, "promote", "--bundle", bundle, "--production", "prod").returncode == 0
+    return tmp_path, bundles
+
+
+@pytest.mark.parametrize("point,switched", [("promote:release-installed", False), ("promote:journal-written", True),
+                                            ("promote:previous-switched", True), ("promote:current-switched", True)])
+def test_a_promotion_killed_between_the_switches_is_finished_and_rollback_still_works(production, point, switched):
+    from dexml.serve.bundle import verify_bundle
+
+    root, (a, b, c) = production
+    prod = root / "prod"
+    before = production_state(prod)
+    killed = dexml(root, "promote", "--bundle", c, "--production", "prod", crash_at=point)
+    assert killed.returncode == -9
+    verify_bundle(prod / "current")  # what serves is always a whole release
+    # The next command first finishes the switch (or drops the orphan copy), then does its job.
+    assert dexml(root, "rollback", "--production", "prod").returncode == 0
+    after = production_state(prod)
+    assert after["other"] == [] and len(after["releases"]) == 2  # no journal, temp link or orphan left
+    if switched:  # c was promoted (b became previous), and rollback went back to b
+        assert after["current"] == before["current"] and after["previous"] not in (before["current"], before["previous"])
+    else:  # the promotion never happened: rollback went from b to a, as it would have anyway
+        assert (after["current"], after["previous"]) == (before["previous"], before["current"])
+    verify_bundle(prod / "current") and verify_bundle(prod / "previous")
+
+
+def test_a_missing_current_release_can_be_rolled_back_or_replaced_but_is_not_gated(production):
+    import shutil
+
+    root, (a, b, c) = production
+    prod = root / "prod"
+    current = (prod / "current").resolve()
+    shutil.rmtree(current)
+    before = snapshot(prod)
+    out = dexml(root, "promote", "--bundle", c, "--production", "prod")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert (f"points to releases/{current.name}, which does not exist: there is no production bundle to compare "
+            "with. `dexml rollback` restores the previous release") in out.stderr
+    assert snapshot(prod) == before  # refused before anything changed
+    forced = dexml(root, "promote", "--bundle", c, "--production", "prod", "--force")
+    assert forced.returncode == 0, forced.stderr
+    state = production_state(prod)
+    assert state["previous"] is not None and (prod / "previous").resolve().is_dir()  # a's release, kept
+    shutil.rmtree((prod / "current").resolve())
+    assert dexml(root, "rollback", "--production", "prod").returncode == 0  # back to a
+    assert json.loads((prod / "current" / "manifest.json").read_text())["metrics"]["P@5"] == 40.0
+    assert not (prod / "previous").exists()
+
+
+@pytest.mark.parametrize("command", [["promote", "--bundle", "{c}"], ["promote", "--bundle", "{c}", "--force"],
+                                     ["rollback"]])
+def test_a_current_that_is_a_plain_directory_is_refused_before_anything_changes(production, command):
+    import shutil
+
+    root, (a, b, c) = production
+    prod = root / "prod"
+    shutil.rmtree(prod)
+    shutil.copytree(c, prod / "current")  # someone copied a bundle in by hand
+    before = snapshot(prod)
+    out = dexml(root, *[part.format(c=c) for part in command], "--production", "prod")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{prod.relative_to(root) / 'current'} is a directory, not a link to a release" in out.stderr
+    assert snapshot(prod) == before and not (prod / "releases").exists()  # no orphan release
+
+
+def _small_files():
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writing past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+
+def test_a_full_disk_during_promotion_is_a_message_and_production_is_unchanged(production):
+    """RLIMIT_FSIZE (EFBIG) stands in for ENOSPC: the same OSError from the same writes."""
+    root, (a, b, c) = production
+    prod = root / "prod"
+    before = snapshot(prod)
+    out = dexml(root, "promote", "--bundle", c, "--production", "prod", preexec=_small_files)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot install the release in {prod.relative_to(root) / 'releases'}: File too large" in out.stderr
+    assert "production is unchanged" in out.stderr
+    assert snapshot(prod) == before
+
+
+# --- the flow's download retries: transient failures only (item 8) -------------------------
+
+def test_the_download_task_retries_only_transient_failures():
+    """The retry condition on real Prefect states (tests/test_flow.py runs it in whole flows:
+    a dataset that fails a check is not retried, a path not there yet is)."""
+    from prefect.states import Completed, Failed
+    from test_flow import flows
+
+    retrain = flows()
+    transient = retrain.StageFailed("stage download failed", transient=True)
+    permanent = retrain.StageFailed("stage download failed")
+    assert retrain.retry_if_transient(None, None, Failed(data=transient))
+    assert not retrain.retry_if_transient(None, None, Failed(data=permanent))
+    assert not retrain.retry_if_transient(None, None, Failed(data=ValueError("not a stage")))
+    assert not retrain.retry_if_transient(None, None, Completed(data=1))

@@ -293,6 +293,7 @@ def read_meta(root: str | Path) -> dict:
 
 def read_dataset(root: str | Path) -> XMCDataset:
     root = Path(root)
+    fileio.recover_dir(root)  # a download killed mid-swap: its last good dataset goes back
     if not root.is_dir():
         raise DataError(f"dataset directory {root} not found (run the download stage first)")
     lbl = read_labelset(root / LABEL_FILE)

@@ -41,7 +41,12 @@ from typing import Callable, Optional
 from dexml import fileio
 from dexml.config import DatasetParams
 from dexml.data import formats
-from dexml.data.dataset import DEFAULT_PROPENSITY, META_FILE, check_dataset, write_dataset_files
+from dexml.data.dataset import (
+    DEFAULT_PROPENSITY,
+    META_FILE,
+    check_dataset,
+    write_dataset_files,
+)
 from dexml.errors import ConfigError, DataError, TransientError
 from dexml.fileio import sha256_file
 

@@ -205,6 +205,7 @@ def validate_dataset(root: str | Path, report_path: str | Path = VALIDATION_REPO
     Returns the statistics; raises DataError (after writing the report) on any failure.
     """
     root = Path(root)
+    fileio.recover_dir(root)  # a download killed mid-swap: its last good dataset goes back
     if not root.is_dir():
         raise DataError(f"dataset directory {root} not found (run the download stage first)")
     suite = _Suite()

@@ -74,6 +74,10 @@ def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metric
 def read_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / MANIFEST_FILE
     manifest = fileio.read_json(path, BundleError, "not a complete bundle: the evaluate stage writes the manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {version!r}, but this dexml reads bundles of format_version "
+                          f"{FORMAT_VERSION} (rerun the evaluate stage with this version)")
     if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise BundleError(f"{path}: expected a JSON object with a non-empty `files` map of sha256 checksums")
     return manifest

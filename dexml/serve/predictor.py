@@ -339,7 +339,7 @@ def main(args, params=None) -> int:
     out = sys.stdout
     if not args.jsonl:
         items = [(f"text {i}", t, text_problem(t)) for i, t in enumerate(args.texts, 1)]
-        for where, text, labels, problem, warning in answers.batch(items):
+        for _, text, labels, problem, _ in answers.batch(items):
             if problem is not None:
                 continue
             print(text, file=out)
