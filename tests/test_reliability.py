@@ -782,3 +782,12 @@ def test_the_download_task_retries_only_transient_failures():
     assert not retrain.retry_if_transient(None, None, Failed(data=permanent))
     assert not retrain.retry_if_transient(None, None, Failed(data=ValueError("not a stage")))
     assert not retrain.retry_if_transient(None, None, Completed(data=1))
+
+
+def test_exit_statuses_are_documented_in_the_help():
+    promote = dexml(REPO, "promote", "--help")
+    assert promote.returncode == 0 and "3 not promoted (the gate said no; production unchanged)" in promote.stdout
+    predict = dexml(REPO, "predict", "--help")
+    assert predict.returncode == 0 and "1 an error" in predict.stdout and "--max-k" in predict.stdout
+    readme = (REPO / "README.md").read_text()
+    assert "| 3 | `dexml promote`: not promoted" in readme and "| 75 | `dexml download`: a transient" in readme
