@@ -791,3 +791,29 @@ def test_exit_statuses_are_documented_in_the_help():
     assert predict.returncode == 0 and "1 an error" in predict.stdout and "--max-k" in predict.stdout
     readme = (REPO / "README.md").read_text()
     assert "| 3 | `dexml promote`: not promoted" in readme and "| 75 | `dexml download`: a transient" in readme
+
+
+def test_a_truncated_archive_from_a_url_says_how_to_fetch_it_again(tmp_path):
+    from test_download import Server, lf_zip
+
+    from dexml.data import download
+    from dexml.errors import DataError
+
+    server = Server()
+    try:
+        whole = lf_zip()
+        server.files["/LF.zip"] = whole[: len(whole) // 2]  # the server itself sends a short file
+        ds = parse_params({"dataset": {"source": "url", "url": server.url + "/LF.zip"}}).dataset
+        out, cache = tmp_path / "data" / "dataset", tmp_path / "cache"
+        with pytest.raises(DataError, match=r"LF.zip: a truncated or corrupt zip archive \(\d+ bytes\); delete "
+                                            r".*LF.zip and rerun to download it again"):
+            download.materialise(ds, out, cache)
+        assert not out.exists()
+        (cached,) = cache.rglob("LF.zip")
+        cached.unlink()
+        server.files["/LF.zip"] = whole
+        download.materialise(ds, out, cache)
+        assert (out / "trn.json.gz").is_file()
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

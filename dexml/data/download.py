@@ -150,7 +150,12 @@ def _convert_into(src: Path, out_dir: Path, convert, name: str, propensity: tupl
         if src.is_file():
             if sha256:
                 verify_sha256(src, sha256)
-            formats.check_archive(src)
+            try:
+                formats.check_archive(src)
+            except DataError as e:
+                if cache_dir.resolve() in src.resolve().parents:  # a cached download: fetched again once gone
+                    raise DataError(f"{e}; delete {src} and rerun to download it again") from None
+                raise
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unpack-", dir=_mkdir(cache_dir))))
             log(f"extracting {src}")
             formats.safe_extract(src, work)

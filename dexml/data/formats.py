@@ -87,8 +87,7 @@ def check_archive(path: Path) -> None:
     if kind is None and head[257:262] == b"ustar":
         kind = "tar"
     if kind is not None:
-        raise DataError(f"{path}: a truncated or corrupt {kind} archive ({path.stat().st_size} bytes; "
-                        "download it again)")
+        raise DataError(f"{path}: a truncated or corrupt {kind} archive ({path.stat().st_size} bytes)")
     raise DataError(f"{path}: not a zip or tar archive (expected .zip, .tar.gz or .tar)")
 
 
