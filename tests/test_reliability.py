@@ -610,16 +610,17 @@ def test_a_candidate_with_edited_metrics_is_refused_and_honest_ones_still_gated(
 def test_a_bundle_without_a_dvc_record_is_refused_naming_the_fix(tmp_path):
     from test_promote import make_bundle
 
-    bundle = make_bundle(tmp_path / "p", 40.0, "a")
-    (tmp_path / "p" / "dvc.lock").unlink()
     from dexml.config import FlowParams
     from dexml.errors import BundleError
     from dexml.pipeline.promote import gate_and_promote
 
-    with pytest.raises(BundleError, match=r"dvc.lock: not found; the gate trusts only metrics that the evaluate "
-                                          r"stage recorded in DVC: rerun it \(`dvc repro evaluate` in"):
-        gate_and_promote(bundle, tmp_path / "prod", FlowParams())
-    assert not (tmp_path / "prod").exists() or not (tmp_path / "prod" / "current").exists()
+    bundle = make_bundle(tmp_path / "p", 40.0, "a")
+    (tmp_path / "p" / "dvc.lock").unlink()  # evaluated by hand, outside DVC
+    for force in (False, True):
+        with pytest.raises(BundleError, match=r"dvc.lock: not found; the gate trusts only metrics that the "
+                                              r"evaluate stage recorded in DVC: rerun it \(`dvc repro evaluate` in"):
+            gate_and_promote(bundle, tmp_path / "prod", FlowParams(), force=force)
+    assert not (tmp_path / "prod").exists()
 
 
 def test_a_manifest_of_another_format_version_is_refused(tmp_path):
@@ -706,7 +707,8 @@ def test_a_promotion_killed_between_the_switches_is_finished_and_rollback_still_
         assert after["current"] == before["current"] and after["previous"] not in (before["current"], before["previous"])
     else:  # the promotion never happened: rollback went from b to a, as it would have anyway
         assert (after["current"], after["previous"]) == (before["previous"], before["current"])
-    verify_bundle(prod / "current") and verify_bundle(prod / "previous")
+    verify_bundle(prod / "current")
+    verify_bundle(prod / "previous")
 
 
 def test_a_missing_current_release_can_be_rolled_back_or_replaced_but_is_not_gated(production):
