@@ -75,11 +75,37 @@ class ModelParams:
     label_bias_lr_scale: float = 100.0  # the bias learns this many times faster than train.lr
 
 
+@dataclass(frozen=True)
+class LossType:
+    module: str  # the implementation: a module that defines `loss` (dense) and `chunked`
+    options: tuple[str, ...]  # the loss.* params it takes besides `name`
+    help: str
+
+
+# loss.name: one of these. Config checks, error messages, params.yaml's comment and docs/losses.md
+# come from this table (tested); the implementations resolve through it (dexml/train/losses/).
+# A new loss is one module there plus one row here.
+LOSS_TYPES = {
+    "softmax": LossType("dexml.train.losses.softmax", (),
+                        "InfoNCE over every unmasked label: -log(e^s_p / sum_j e^s_j) per positive p"),
+    "decoupled_softmax": LossType("dexml.train.losses.decoupled_softmax", (),
+                                  "the paper's loss: like softmax, but the other positives are no competitors"),
+    "soft_topk": LossType("dexml.train.losses.soft_topk", ("k", "alpha"),
+                          "SoftTop-k: -log sigma(alpha (s_p + t)), t making the soft top-k indicators sum to k"),
+    "bce": LossType("dexml.train.losses.bce", (),
+                    "binary cross-entropy with logits, the mean over every unmasked entry"),
+}
+
+
 @dataclass
 class LossParams:
-    name: Literal["softmax", "decoupled_softmax", "soft_topk", "bce"] = "decoupled_softmax"
+    name: str = "decoupled_softmax"  # a name in LOSS_TYPES
     k: int = 5  # soft_topk only
     alpha: float = 2.0  # soft_topk only
+
+    def options(self) -> dict:
+        """The options the named loss takes, e.g. {"k": 5, "alpha": 2.0} for soft_topk."""
+        return {key: getattr(self, key) for key in LOSS_TYPES[self.name].options}
 
 
 @dataclass
@@ -291,6 +317,7 @@ def _check(p: Params) -> None:
     need(m.query_max_len > 1, "model.query_max_len", "an integer > 1", m.query_max_len)
     need(m.label_max_len > 1, "model.label_max_len", "an integer > 1", m.label_max_len)
     need(m.projection is None or m.projection > 0, "model.projection", "null or a positive integer", m.projection)
+    need(p.loss.name in LOSS_TYPES, "loss.name", f"one of {list(LOSS_TYPES)}", p.loss.name)
     need(p.loss.k > 0, "loss.k", "a positive integer", p.loss.k)
     need(p.loss.alpha > 0, "loss.alpha", "a positive number", p.loss.alpha)
     n = p.negatives

@@ -110,9 +110,9 @@ def _worker(rank: int, port: int, encoder_dir: str, dataset_dir: str, out_dir: s
     save_file(out, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 
-def _spawn(args, timeout: float = 600) -> None:
+def _spawn(args, timeout: float = 600, worker=_worker) -> None:
     """mp.spawn with a deadline, so that a collective that never completes fails the test."""
-    procs = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    procs = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.time() + timeout
     try:
         while not procs.join(timeout=1.0):

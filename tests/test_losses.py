@@ -1,11 +1,17 @@
 """dexml.losses against plain float64 references written out here, plus the properties the paper relies on."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+
 import pytest
 import torch
 from scipy.optimize import brentq
 from scipy.special import expit
 
+from dexml.config import LOSS_TYPES, LossParams
 from dexml.errors import ConfigError
 from dexml.train.losses import (
     LOSSES,
@@ -16,6 +22,7 @@ from dexml.train.losses import (
     softmax,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 PER_POSITIVE = ["softmax", "decoupled_softmax", "soft_topk"]  # the losses averaged over positives, then rows
 
 
@@ -244,3 +251,39 @@ def test_get_loss_builds_each_registered_loss_and_names_the_params_key_for_unkno
                                softmax(scores, targets, mask))  # k/alpha are soft_topk's only
     with pytest.raises(ConfigError, match=r"loss\.name.*'hinge'"):
         get_loss("hinge")
+
+
+# --- the registry: one table (dexml.config.LOSS_TYPES) for config, implementations and docs ------------
+
+def loss_docs_table() -> str:
+    """The table docs/losses.md must hold, made from LOSS_TYPES."""
+    lines = ["| `loss.name` | options | what it is |", "|---|---|---|"]
+    for name, row in LOSS_TYPES.items():
+        options = ", ".join(f"`loss.{o}`" for o in row.options) or "-"
+        lines.append(f"| `{name}` | {options} | {row.help} |")
+    return "\n".join(lines)
+
+
+def test_the_loss_table_is_the_implementations():
+    package = REPO / "dexml" / "train" / "losses"
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "_reduce", "chunked"}
+    assert {row.module for row in LOSS_TYPES.values()} == {f"dexml.train.losses.{m}" for m in modules}
+    assert list(LOSSES) == list(LOSS_TYPES)
+    fields = {f.name for f in dataclasses.fields(LossParams)} - {"name"}
+    for name, row in LOSS_TYPES.items():
+        module = importlib.import_module(row.module)
+        assert LOSSES[name] is module.loss and callable(module.over_chunks), name
+        # the options the table names are the ones both forms take, and params carry them
+        dense_opts = set(inspect.signature(module.loss).parameters) - {"scores", "targets", "mask", "group"}
+        chunked_opts = set(inspect.signature(module.over_chunks).parameters) - {"chunks"}
+        assert dense_opts == chunked_opts == set(row.options) and set(row.options) <= fields, name
+    assert LossParams(name="soft_topk", k=3).options() == {"k": 3, "alpha": 2.0}
+    assert LossParams(name="softmax").options() == {}
+
+
+def test_params_yaml_and_the_docs_list_the_table():
+    line = next(line for line in (REPO / "params.yaml").read_text().splitlines()
+                if line.strip().startswith("name: ") and "softmax" in line)
+    assert line.split("#", 1)[1].strip() == " | ".join(LOSS_TYPES)
+    docs = (REPO / "docs" / "losses.md").read_text()
+    assert loss_docs_table() in docs, "docs/losses.md: paste this table:\n" + loss_docs_table()

@@ -46,6 +46,7 @@ BAD_PARAMS = [  # (section, {key: value}, the key named, a fragment of what is e
     ("dataset", {"propensity_b": 0}, "dataset.propensity_b", "null or a positive number"),
     ("evaluate", {"k": 10**11}, "evaluate.k", f"5..{MAX_K}"),
     ("rae", {"k": MAX_K + 1}, "rae.k", f"1..{MAX_K}"),
+    ("loss", {"name": "hinge"}, "loss.name", "one of ['softmax', 'decoupled_softmax', 'soft_topk', 'bce'], got 'hinge'"),
 ]
 
 
@@ -107,7 +108,7 @@ def test_overrides_are_parsed_by_the_type_of_their_field(tmp_path):
     ("train.lr=fast", "override `train.lr=fast`: expected a number, got 'fast'"),
     ("train.epochs=2.5", "override `train.epochs=2.5`: expected an integer, got '2.5'"),
     ("model.shared=maybe", "override `model.shared=maybe`: expected true or false"),
-    ("loss.name=hinge", "override `loss.name=hinge`: expected one of ['softmax'"),
+    ("model.pooling=max", "override `model.pooling=max`: expected one of ['mean', 'cls']"),
     ("train.lr", "override 'train.lr': expected KEY=VALUE"),
 ])
 def test_bad_overrides_name_the_override(item, expected):
