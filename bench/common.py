@@ -145,6 +145,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (VmHWM) of this process from its current RSS, so that
+    `window_peak_rss_mb` is the peak since now; False where /proc/self/clear_refs is missing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM; the process's lifetime peak without one)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mb()
+
+
 def quantiles_ms(seconds: list[float]) -> dict:
     import numpy as np
 

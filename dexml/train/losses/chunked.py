@@ -106,6 +106,14 @@ class LabelChunks:
             return (self.q @ block.T).mul_(self.scale)
         return torch.addmm(self.bias[start:stop].to(self.dtype)[None], self.q, block.T, alpha=self.scale)
 
+    def score_bound(self) -> torch.Tensor:
+        """(B,) bounds on |s| per row over this process's labels: scale |q| max |l| + max |bias|."""
+        top_norm = torch.zeros((), dtype=self.dtype, device=self.q.device)
+        for start, stop in self.slices():  # blocks: a bf16 table is never converted whole
+            top_norm = torch.maximum(top_norm, self.labels[start:stop].to(self.dtype).norm(dim=1).amax())
+        top_bias = 0.0 if self.bias is None or self.num_labels == 0 else self.bias.abs().amax().to(self.dtype)
+        return self.scale * self.q.norm(dim=1) * top_norm + top_bias
+
     def slices(self):
         for start in range(0, self.num_labels, self.chunk):
             yield start, min(start + self.chunk, self.num_labels)

@@ -22,6 +22,7 @@ from dexml.train.losses._reduce import (
 )
 
 BISECTION_STEPS = 60  # halves the bracket below float64 resolution for any realistic score range
+HISTOGRAM_BINS = 512  # the chunked form's first bracket of t: about 2 R / 512 wide for |s| <= R
 
 
 def _check_options(k, alpha):
@@ -99,13 +100,48 @@ def _indicator_sums(chunks, t, alpha):
     return _all_reduce(sums, chunks.group)
 
 
-def _threshold_over_chunks(chunks, lo, hi, k, alpha, counted):
-    """Safeguarded Newton on F(t) = k, one chunk walk per step: the Newton step where it lands
+class _ScoreHistogram:
+    """Per row, the kept scores counted in HISTOGRAM_BINS equal bins over [-R, R], R a bound on |s|
+    (the same on every rank, so the counts add up over ranks). It brackets t to about one bin: with
+    every score moved to its bin's top F can only grow, to its bottom only shrink."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        bound = _all_reduce(chunks.score_bound(), chunks.group, "max").clamp_min(1e-6)
+        self.bound, self.width = bound, 2 * bound / HISTOGRAM_BINS
+        self.counts = torch.zeros(chunks.num_rows * HISTOGRAM_BINS, dtype=chunks.dtype, device=bound.device)
+        self.offset = torch.arange(chunks.num_rows, device=bound.device)[:, None] * HISTOGRAM_BINS
+
+    def add(self, s, keep) -> None:
+        bins = ((s + self.bound[:, None]) / self.width[:, None]).floor_().clamp_(0, HISTOGRAM_BINS - 1)
+        self.counts.index_add_(0, (bins.long() + self.offset).view(-1), keep.view(-1).to(self.counts.dtype))
+
+    def bracket(self, k, alpha, margin):
+        """(lo, hi, t0): a bracket of every row's t and a start inside it."""
+        counts = _all_reduce(self.counts, self.chunks.group).view(self.chunks.num_rows, HISTOGRAM_BINS)
+        bottoms = -self.bound[:, None] + self.width[:, None] * torch.arange(HISTOGRAM_BINS, device=counts.device)
+        outer_lo, outer_hi = -self.bound - margin, self.bound + margin  # every σ below / above k/n
+
+        def root(edges):  # t with Σ counts σ(α(edges + t)) = k, by bisection
+            lo, hi = outer_lo.clone(), outer_hi.clone()
+            for _ in range(BISECTION_STEPS):
+                t = (lo + hi) / 2
+                too_many = (counts * torch.sigmoid(alpha * (edges + t[:, None]))).sum(dim=1) > k
+                hi, lo = torch.where(too_many, t, hi), torch.where(too_many, lo, t)
+            return (lo + hi) / 2
+
+        slack = self.width  # a score on a bin edge may have been counted in the neighbouring bin
+        lo = torch.maximum(outer_lo, root(bottoms + self.width[:, None]) - slack)
+        hi = torch.minimum(outer_hi, root(bottoms) + slack)
+        return lo, hi, root(bottoms + self.width[:, None] / 2).clamp(lo, hi)
+
+
+def _threshold_over_chunks(chunks, lo, hi, t, k, alpha, counted):
+    """Safeguarded Newton on F(t) = k from t, one chunk walk per step: the Newton step where it lands
     inside the bracket [lo, hi] that the signs of F - k keep shrinking, else bisection. Stops when
-    every counted row's step is below sqrt(eps) (quadratic convergence: the next would be below eps), after
-    BISECTION_STEPS steps at most (the dense bisection's count). Returns t and Σv = F'(t)."""
+    every counted row's step is below sqrt(eps) (quadratic convergence: the next would be below
+    eps), after BISECTION_STEPS steps at most (the dense bisection's count). Returns t and F'(t) = Σv."""
     tol = torch.finfo(chunks.dtype).eps ** 0.5 / max(1.0, alpha)
-    t = (lo + hi) / 2
     for _ in range(BISECTION_STEPS):
         value, slope = _indicator_sums(chunks, t, alpha)
         too_many = value > k
@@ -125,9 +161,9 @@ def _threshold_over_chunks(chunks, lo, hi, k, alpha, counted):
 
 
 def over_chunks(chunks, k=5, alpha=2.0):
-    """A walk for the bracket (row max and min) and the positives' scores, then Newton's walks for
-    t. With x = α(s + t), v = α σ(x) σ(-x) and a = Σ_p α σ(-x_p) / (n rows):
-    d/ds_j = -pos_j α σ(-x_j) / (n rows) + a v_j / Σv."""
+    """A walk for a histogram of the scores (bracketing t to about a bin) and the positives' scores,
+    then Newton's walks for t (typically 3 to 5). With x = α(s + t), v = α σ(x) σ(-x) and
+    a = Σ_p α σ(-x_p) / (n rows): d/ds_j = -pos_j α σ(-x_j) / (n rows) + a v_j / Σv."""
     _check_options(k, alpha)
     k, alpha = float(k), float(alpha)
     group, dtype, device = chunks.group, chunks.dtype, chunks.q.device
@@ -138,22 +174,17 @@ def over_chunks(chunks, k=5, alpha=2.0):
         return None, None
     count = _all_reduce(chunks.kept_per_row.clone(), group)
     _check_count(count[counted], k)
-    top = torch.full((2, chunks.num_rows), float("-inf"), dtype=dtype, device=device)  # max s, max -s
+    histogram = _ScoreHistogram(chunks)
     pos_rows, pos_scores = [], []
     for s, pos, keep in chunks:
-        if s.shape[1]:
-            top[0] = torch.maximum(top[0], s.masked_fill(~keep, float("-inf")).amax(dim=1))
-            top[1] = torch.maximum(top[1], (-s).masked_fill(~keep, float("-inf")).amax(dim=1))
+        histogram.add(s, keep)
         rows, cols = pos.nonzero(as_tuple=True)
         pos_rows.append(rows)
         pos_scores.append(s[rows, cols])
-    top = _all_reduce(top, group, "max")
-    # Rows without a positive (maybe with too few labels) still get a finite bracket; unused.
-    c = torch.where(counted, _bracket_margin(count.clamp_min(k + 1), k, alpha), 1.0)
-    finite = torch.isfinite(top).all(dim=0)
-    lo = torch.where(finite, -top[0] - c, -1.0)
-    hi = torch.where(finite, top[1] + c, 1.0)
-    t, slope = _threshold_over_chunks(chunks, lo, hi, k, alpha, counted)
+    # Rows without a positive (maybe with too few labels) get some bracket too; their t is unused.
+    margin = torch.where(counted, _bracket_margin(count.clamp_min(k + 1), k, alpha), 1.0)
+    lo, hi, t0 = histogram.bracket(k, alpha, margin)
+    t, slope = _threshold_over_chunks(chunks, lo, hi, t0, k, alpha, counted)
 
     rows, s_pos = torch.cat(pos_rows), torch.cat(pos_scores)
     x_pos = alpha * (s_pos + t[rows])
