@@ -147,7 +147,9 @@ class _PoolLoss(torch.autograd.Function):
         q_dtype, labels_dtype, bias_dtype = ctx.dtypes
         device = c.q.device
         grad_q = torch.zeros_like(c.q) if want_q else None
-        grad_labels = torch.zeros(c.labels.shape, dtype=labels_dtype, device=device) if want_labels else None
+        in_place = labels_dtype == c.dtype and grad_scores is not None  # mm writes every row of it below
+        grad_labels = ((torch.empty if in_place else torch.zeros)(c.labels.shape, dtype=labels_dtype, device=device)
+                       if want_labels else None)
         grad_bias = torch.zeros(c.num_labels, dtype=bias_dtype, device=device) if want_bias else None
         if grad_scores is not None and (want_q or want_labels or want_bias):
             # Every rank's loss is the same global loss: as through a differentiable all_reduce,
@@ -155,13 +157,16 @@ class _PoolLoss(torch.autograd.Function):
             g = _all_reduce(grad_loss.detach().to(c.dtype).reshape(1).clone(), c.group)[0]
             for start, stop in c.slices():
                 s = c.scores(start, stop)
-                ds = grad_scores(s, c._pos.block(start, stop), c.keep(start, stop)).mul_(g)
-                if want_q:
-                    grad_q.addmm_(ds, c.labels[start:stop].to(c.dtype), alpha=c.scale)
-                if want_labels:
-                    grad_labels[start:stop] = (ds.T @ c.q).mul_(c.scale).to(labels_dtype)
+                ds = grad_scores(s, c._pos.block(start, stop), c.keep(start, stop)).mul_(g)  # d loss / d s
                 if want_bias:
                     grad_bias[start:stop] = ds.sum(dim=0).to(bias_dtype)
+                ds.mul_(c.scale)  # d loss / d (q l^T)
+                if want_q:
+                    grad_q.addmm_(ds, c.labels[start:stop].to(c.dtype))
+                if want_labels and in_place:
+                    torch.mm(ds.T, c.q, out=grad_labels[start:stop])
+                elif want_labels:
+                    grad_labels[start:stop] = (ds.T @ c.q).to(labels_dtype)
         if grad_q is not None:
             grad_q = grad_q.to(q_dtype)
         return grad_q, grad_labels, grad_bias, None, None, None
