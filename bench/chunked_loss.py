@@ -45,6 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per row")
+    ap.add_argument("--inline", action="store_true", help="run in this process (tests; peaks then overlap)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "P,loss,form"
     return ap.parse_args(argv)
@@ -144,11 +145,15 @@ def main(argv=None) -> dict:
             for form in ("chunked", "dense"):
                 if form == "dense" and P > args.dense_max:
                     continue
-                wargs = ["--worker", f"{P},{name},{form}"]
-                for key in ("batch_size", "dim", "chunk", "tau", "k", "alpha", "repeats", "threads", "seed"):
-                    wargs += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-                row = common.run_worker("chunked_loss.py", wargs, args.timeout)
-                row.update(labels=P, loss=name, form=form) if "error" in row else None
+                if args.inline:
+                    row = common.guarded(run_one, P, name, form, args)
+                else:
+                    wargs = ["--worker", f"{P},{name},{form}"]
+                    for key in ("batch_size", "dim", "chunk", "tau", "k", "alpha", "repeats", "threads", "seed"):
+                        wargs += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+                    row = common.run_worker("chunked_loss.py", wargs, args.timeout)
+                if "error" in row:
+                    row.update(labels=P, loss=name, form=form)
                 results.add(row)
                 print(row, flush=True)
     rows = results.doc["rows"]

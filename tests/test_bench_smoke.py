@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import index as bench_index  # noqa: E402
-from bench import losses, memory, report, serving, throughput  # noqa: E402
+from bench import chunked_loss, losses, memory, report, serving, throughput  # noqa: E402
 
 METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5", "R@10")
 
@@ -104,3 +104,20 @@ def test_report_renders_tables_and_marks_missing_gpu_rows(tmp_path):
     assert "old" not in text and all(f"prose {n}" in text for n in names)
     assert "| 10000 | 1.50 | - | 400 | 900 |" in text and "Test CPU (2 cores" in text
     assert text.count("GPU rows: pending") == 5  # losses (2 datasets), throughput, memory, serving; index and trials: CPU only
+
+
+def test_chunked_loss_rows_give_the_dense_loss_and_their_memory_growth(tmp_path):
+    out = tmp_path / "cpu" / "chunked_loss.json"
+    doc = chunked_loss.main(["--labels", "300,700", "--losses", "softmax,soft_topk", "--batch-size", "8",
+                             "--dim", "16", "--chunk", "128", "--repeats", "1", "--dense-max", "300",
+                             "--inline", "--out", str(out)])
+    rows = doc["rows"]
+    assert [(r["labels"], r["loss"], r["form"]) for r in rows] == [
+        (300, "softmax", "chunked"), (300, "softmax", "dense"), (300, "soft_topk", "chunked"),
+        (300, "soft_topk", "dense"), (700, "softmax", "chunked"), (700, "soft_topk", "chunked")]
+    for name in ("softmax", "soft_topk"):  # the two forms compute the same loss
+        chunked, dense = (r["loss_value"] for r in rows if r["labels"] == 300 and r["loss"] == name)
+        assert chunked == pytest.approx(dense, rel=1e-4) and chunked > 0
+    assert all(r["grad_mb"] == pytest.approx(r["labels"] * 17 * 4 / 2**20, abs=0.05) for r in rows)
+    assert set(doc["chunked_beyond_grad_growth"]) == {"softmax", "soft_topk"}
+    assert json.loads(out.read_text())["rows"] == rows

@@ -93,10 +93,11 @@ def _indicator_sums(chunks, t, alpha):
     """Per row, over every kept label (all ranks): F = Σ σ(α(s + t)) and its slope F' = Σ v."""
     sums = torch.zeros(2, chunks.num_rows, dtype=chunks.dtype, device=chunks.q.device)
     for s, _, keep in chunks:
-        x = alpha * (s + t[:, None])
-        p = torch.sigmoid(x)
-        sums[0] += torch.where(keep, p, 0.0).sum(dim=1)
-        sums[1] += torch.where(keep, alpha * p * torch.sigmoid(-x), 0.0).sum(dim=1)
+        p = s.add_(t[:, None]).mul_(alpha).sigmoid_().masked_fill_(~keep, 0.0)  # s is this walk's own block
+        sums[0] += p.sum(dim=1)
+        # p (1 - p) = σ(x) σ(-x) up to p's rounding (<= eps for the few p near 1)
+        sums[1] += (p * (1 - p)).sum(dim=1)
+    sums[1] *= alpha
     return _all_reduce(sums, chunks.group)
 
 
