@@ -100,8 +100,11 @@ class LabelChunks:
         self.positives_per_row = torch.from_numpy(np.diff(pos.indptr)).to(q.device, self.dtype)
         self.kept_per_row = torch.from_numpy(self.num_labels - masked_per_row).to(q.device, self.dtype)
 
-    def scores(self, start: int, stop: int) -> torch.Tensor:
-        block = self.labels[start:stop].to(self.dtype)
+    def label_block(self, start: int, stop: int) -> torch.Tensor:
+        return self.labels[start:stop].to(self.dtype)  # a view when the labels are in the compute dtype
+
+    def scores(self, start: int, stop: int, block: torch.Tensor | None = None) -> torch.Tensor:
+        block = self.label_block(start, stop) if block is None else block
         if self.bias is None:
             return (self.q @ block.T).mul_(self.scale)
         return torch.addmm(self.bias[start:stop].to(self.dtype)[None], self.q, block.T, alpha=self.scale)
@@ -110,7 +113,7 @@ class LabelChunks:
         """(B,) bounds on |s| per row over this process's labels: scale |q| max |l| + max |bias|."""
         top_norm = torch.zeros((), dtype=self.dtype, device=self.q.device)
         for start, stop in self.slices():  # blocks: a bf16 table is never converted whole
-            top_norm = torch.maximum(top_norm, self.labels[start:stop].to(self.dtype).norm(dim=1).amax())
+            top_norm = torch.maximum(top_norm, self.label_block(start, stop).norm(dim=1).amax())
         top_bias = 0.0 if self.bias is None or self.num_labels == 0 else self.bias.abs().amax().to(self.dtype)
         return self.scale * self.q.norm(dim=1) * top_norm + top_bias
 
@@ -156,13 +159,14 @@ class _PoolLoss(torch.autograd.Function):
             # each shard's gradient is the sum over the ranks of their incoming gradients.
             g = _all_reduce(grad_loss.detach().to(c.dtype).reshape(1).clone(), c.group)[0]
             for start, stop in c.slices():
-                s = c.scores(start, stop)
+                block = c.label_block(start, stop)
+                s = c.scores(start, stop, block)
                 ds = grad_scores(s, c._pos.block(start, stop), c.keep(start, stop)).mul_(g)  # d loss / d s
                 if want_bias:
                     grad_bias[start:stop] = ds.sum(dim=0).to(bias_dtype)
                 ds.mul_(c.scale)  # d loss / d (q l^T)
                 if want_q:
-                    grad_q.addmm_(ds, c.labels[start:stop].to(c.dtype))
+                    grad_q.addmm_(ds, block)
                 if want_labels and in_place:
                     torch.mm(ds.T, c.q, out=grad_labels[start:stop])
                 elif want_labels:
