@@ -6,10 +6,12 @@ per-label bias, and a sparse pool (3 positives per query, 2 further labels maske
 `--repeats` forward + backward passes of
 - chunked: dexml.train.losses.pool_loss(name, q, labels, positives, masked, scale=1/tau, bias=bias)
 - dense:   s = q @ labels.T / tau + bias; dexml.losses.<name>(s, targets, mask) (only P <= --dense-max)
+- fresh:   pool_loss(..., fresh=(rows, emb)) on a label table without grad, `--fresh` rows of it
+           replaced by embeddings that require grad (the label cache's step: no P x d gradient)
 and reads the peak RSS above the inputs (VmHWM reset after the inputs are built and one warm-up
-pass on a small pool). `beyond_grad_mb` subtracts the labels' and bias' gradients (P x (d + 1) x 4
-bytes), which both forms must hold: what is left is the loss's own working memory, O(B x chunk)
-for the chunked form and O(B x P) for the dense one. Run with MALLOC_MMAP_THRESHOLD_=65536 (set
+pass on a small pool). `beyond_grad_mb` subtracts the gradients the pass returns (labels' and
+bias': P x (d + 1) x 4 bytes; for `fresh` the fresh rows' and the bias'): what is left is the
+loss's own working memory, O(B x chunk) for pool_loss and O(B x P) for the dense loss. Run with MALLOC_MMAP_THRESHOLD_=65536 (set
 for the workers unless already set), so that freed buffers go back to the system and RSS is honest.
 
     /work/wt/heavy python bench/chunked_loss.py                # 1 thread, writes bench/results/cpu/chunked_loss.json
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--alpha", type=float, default=2.0)
     ap.add_argument("--dense-max", type=float, default=1e5, help="largest P the dense form runs at")
+    ap.add_argument("--forms", default="chunked,dense,fresh")
+    ap.add_argument("--fresh", type=int, default=576, help="fresh rows in the `fresh` form (64 x (1 + 8))")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per row; time = their median")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -77,6 +81,7 @@ def make_inputs(P: int, args):
 
 
 def run_one(P: int, name: str, form: str, args) -> dict:
+    import numpy as np
     import torch
 
     from dexml.train.losses import LOSSES, pool_loss
@@ -85,9 +90,19 @@ def run_one(P: int, name: str, form: str, args) -> dict:
     opts = {"k": args.k, "alpha": args.alpha} if name == "soft_topk" else {}
     scale = 1.0 / args.tau
 
-    def step(q, labels, bias, positives, masked):
+    def fresh_rows(labels):  # drawn before the measured window (a draw without replacement is O(P))
+        if form == "fresh":
+            labels.requires_grad_(False)
+            return np.random.default_rng(args.seed).choice(len(labels), size=min(args.fresh, len(labels)), replace=False)
+        return None
+
+    def step(q, labels, bias, positives, masked, rows=None):
         if form == "chunked":
             loss = pool_loss(name, q, labels, positives, masked, scale=scale, bias=bias, chunk=args.chunk, **opts)
+        elif form == "fresh":
+            emb = labels[rows].clone().requires_grad_()
+            loss = pool_loss(name, q, labels, positives, masked, scale=scale, bias=bias, chunk=args.chunk,
+                             fresh=(rows, emb), **opts)
         else:
             targets, mask = torch.from_numpy(positives.toarray()), torch.from_numpy(masked.toarray())
             loss = LOSSES[name](q @ labels.T * scale + bias, targets, mask, **opts)
@@ -99,18 +114,20 @@ def run_one(P: int, name: str, form: str, args) -> dict:
 
     # Warm-up on a small pool: thread pools, kernels and allocator state exist before the baseline.
     small = make_inputs(min(P, 2 * args.chunk), args)
-    step(*small)
+    step(*small, fresh_rows(small[1]))
     del small
     inputs = make_inputs(P, args)
+    rows = fresh_rows(inputs[1])
     baseline = common.rss_mb()
     honest = common.reset_peak_rss()
     times, value = [], None
     for _ in range(args.repeats):
         with common.Clock() as c:
-            value = step(*inputs)
+            value = step(*inputs, rows)
         times.append(c.wall_s)
     peak = common.window_peak_rss_mb() if honest else common.peak_rss_mb()
-    grad_mb = P * (args.dim + 1) * 4 / 2**20
+    grad_rows = min(args.fresh, P) if form == "fresh" else P  # the fresh form returns no table gradient
+    grad_mb = (grad_rows * args.dim + P) * 4 / 2**20
     return {"labels": P, "loss": name, "form": form, "fwd_bwd_s": round(statistics.median(times), 3),
             "times_s": [round(t, 3) for t in times], "baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1),
             "step_mb": round(peak - baseline, 1), "grad_mb": round(grad_mb, 1),
@@ -131,25 +148,30 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - set(LOSS_NAMES))
     if unknown:
         sys.exit(f"--losses: unknown {unknown}; expected some of {LOSS_NAMES}")
+    forms = [f for f in args.forms.split(",") if f.strip()]
+    if not set(forms) <= {"chunked", "dense", "fresh"}:
+        sys.exit(f"--forms: expected some of chunked,dense,fresh, got {args.forms}")
     settings = {k: getattr(args, k) for k in ("batch_size", "dim", "chunk", "tau", "k", "alpha", "dense_max",
-                                               "repeats", "threads", "seed")}
+                                               "fresh", "repeats", "threads", "seed")}
     settings |= {"pool": "3 positives + 2 masked labels per query", "dtype": "float32",
                  "MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"],
-                 "grad_mb": "P x (d + 1) x 4 bytes: the labels' and bias' gradients, held by both forms",
+                 "grad_mb": "the gradients returned: labels' and bias' P x (d + 1) x 4 bytes (fresh form: "
+                            "fresh rows x d + P floats)",
                  "scores_mb": "B x P x 4 bytes: one dense score matrix"}
     out = Path(args.out) if args.out else common.default_out("chunked_loss", "cpu")
     results = common.Results(out, "chunked_loss", "cpu", settings)
     results.doc["machine"]["torch_threads"] = args.threads
     for P in sizes:
         for name in names:
-            for form in ("chunked", "dense"):
+            for form in forms:
                 if form == "dense" and P > args.dense_max:
                     continue
                 if args.inline:
                     row = common.guarded(run_one, P, name, form, args)
                 else:
                     wargs = ["--worker", f"{P},{name},{form}"]
-                    for key in ("batch_size", "dim", "chunk", "tau", "k", "alpha", "repeats", "threads", "seed"):
+                    for key in ("batch_size", "dim", "chunk", "tau", "k", "alpha", "fresh", "repeats", "threads",
+                                "seed"):
                         wargs += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
                     row = common.run_worker("chunked_loss.py", wargs, args.timeout)
                 if "error" in row:
@@ -159,14 +181,15 @@ def main(argv=None) -> dict:
     rows = results.doc["rows"]
     growth = {}
     for name in names:
-        by_p = {r["labels"]: r for r in rows if r["loss"] == name and r["form"] == "chunked" and "error" not in r}
-        if len(by_p) >= 2:
-            lo, hi = by_p[min(by_p)], by_p[max(by_p)]
-            growth[name] = round(hi["beyond_grad_mb"] / max(lo["beyond_grad_mb"], 1e-9), 2)
+        for form in set(forms) - {"dense"}:
+            by_p = {r["labels"]: r for r in rows if r["loss"] == name and r["form"] == form and "error" not in r}
+            if len(by_p) >= 2:
+                lo, hi = by_p[min(by_p)], by_p[max(by_p)]
+                growth[f"{name}/{form}"] = round(hi["beyond_grad_mb"] / max(lo["beyond_grad_mb"], 1e-9), 2)
     results.doc["chunked_beyond_grad_growth"] = growth
     results.save()
     print(common.table(rows, COLUMNS, {"fwd_bwd_s": ".3f", "loss_value": ".4f"}))
-    print(f"chunked memory beyond the gradients, largest P / smallest P: {growth}")
+    print(f"memory beyond the gradients, largest P / smallest P: {growth}")
     print(f"wrote {out}")
     return results.doc
 

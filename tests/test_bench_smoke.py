@@ -110,14 +110,19 @@ def test_chunked_loss_rows_give_the_dense_loss_and_their_memory_growth(tmp_path)
     out = tmp_path / "cpu" / "chunked_loss.json"
     doc = chunked_loss.main(["--labels", "300,700", "--losses", "softmax,soft_topk", "--batch-size", "8",
                              "--dim", "16", "--chunk", "128", "--repeats", "1", "--dense-max", "300",
-                             "--inline", "--out", str(out)])
+                             "--fresh", "20", "--inline", "--out", str(out)])
     rows = doc["rows"]
     assert [(r["labels"], r["loss"], r["form"]) for r in rows] == [
-        (300, "softmax", "chunked"), (300, "softmax", "dense"), (300, "soft_topk", "chunked"),
-        (300, "soft_topk", "dense"), (700, "softmax", "chunked"), (700, "soft_topk", "chunked")]
-    for name in ("softmax", "soft_topk"):  # the two forms compute the same loss
-        chunked, dense = (r["loss_value"] for r in rows if r["labels"] == 300 and r["loss"] == name)
-        assert chunked == pytest.approx(dense, rel=1e-4) and chunked > 0
-    assert all(r["grad_mb"] == pytest.approx(r["labels"] * 17 * 4 / 2**20, abs=0.05) for r in rows)
-    assert set(doc["chunked_beyond_grad_growth"]) == {"softmax", "soft_topk"}
+        (300, "softmax", "chunked"), (300, "softmax", "dense"), (300, "softmax", "fresh"),
+        (300, "soft_topk", "chunked"), (300, "soft_topk", "dense"), (300, "soft_topk", "fresh"),
+        (700, "softmax", "chunked"), (700, "softmax", "fresh"), (700, "soft_topk", "chunked"),
+        (700, "soft_topk", "fresh")]
+    for name in ("softmax", "soft_topk"):  # the forms compute the same loss (fresh rows = the table's own)
+        values = [r["loss_value"] for r in rows if r["labels"] == 300 and r["loss"] == name]
+        assert values == pytest.approx([values[0]] * 3, rel=1e-4) and values[0] > 0
+    for r in rows:  # the fresh form returns 20 rows' gradient, not the table's
+        assert r["grad_mb"] == pytest.approx(((20 if r["form"] == "fresh" else r["labels"]) * 16 + r["labels"])
+                                             * 4 / 2**20, abs=0.05)
+    assert set(doc["chunked_beyond_grad_growth"]) == {f"{n}/{f}" for n in ("softmax", "soft_topk")
+                                                      for f in ("chunked", "fresh")}
     assert json.loads(out.read_text())["rows"] == rows

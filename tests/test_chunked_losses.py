@@ -15,7 +15,8 @@ from dexml.errors import ConfigError
 from dexml.train.losses import LOSSES, pool_loss
 from dexml.train.losses.chunked import LabelChunks
 
-OPTS = {"k": 3, "alpha": 2.0}  # params carry these for every loss; only soft_topk takes them
+OPTS = {"k": 3, "alpha": 2.0}
+FRESH_ROWS = [20, 3, 11, 4, 0, 7]  # unsorted; in chunks of 4: two share a chunk, labels 12-19 have none  # params carry these for every loss; only soft_topk takes them
 SCALE = 3.0
 
 
@@ -114,6 +115,36 @@ def test_masked_entries_change_nothing(name):
     assert_same(chunked(name, q, labels, bias, flipped, mask, 4), (loss, grads))
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_fresh_rows_stand_in_for_their_table_rows(name):
+    """fresh=(rows, emb) is the dense loss of the table with labels[rows] = emb; emb gets those rows'
+    gradient, a table that requires grad gets none for the rows it no longer holds."""
+    q, table, bias, pos, mask = make_pool(seed=4)
+    rows = np.array(FRESH_ROWS)
+    emb = torch.randn(len(rows), table.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    replaced = table.clone()
+    replaced[rows] = emb
+    loss_ref, (g_q, g_labels, g_bias) = dense(name, q, replaced, bias, pos, mask)
+    for table_grad in (False, True):
+        leaves = [x.clone().requires_grad_(want) for x, want in ((q, True), (table, table_grad), (bias, True),
+                                                                  (emb, True))]
+        loss = pool_loss(name, leaves[0], leaves[1], sp.csr_matrix(pos), sp.csr_matrix(mask), scale=SCALE,
+                         bias=leaves[2], chunk=4, fresh=(torch.from_numpy(rows), leaves[3]), **OPTS)
+        loss.backward()
+        expected_table = g_labels.clone()
+        expected_table[rows] = 0.0
+        assert_same((loss, [leaves[0].grad, leaves[2].grad, leaves[3].grad]), (loss_ref, [g_q, g_bias, g_labels[rows]]))
+        assert (leaves[1].grad is None) != table_grad
+        if table_grad:
+            torch.testing.assert_close(leaves[1].grad, expected_table, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match=r"distinct positions in \[0, 23\)"):
+        pool_loss(name, q, table, pos, scale=1.0, fresh=(np.array([1, 1]), emb[:2]), **OPTS)
+    with pytest.raises(ValueError, match=r"distinct positions in \[0, 23\)"):
+        pool_loss(name, q, table, pos, scale=1.0, fresh=(np.array([23]), emb[:1]), **OPTS)
+    with pytest.raises(ValueError, match=r"emb \(len\(rows\), d\), got 2 rows"):
+        pool_loss(name, q, table, pos, scale=1.0, fresh=(np.array([1, 2]), emb[:3]), **OPTS)
+
+
 def test_the_scores_are_never_more_than_one_chunk_wide(monkeypatch):
     widths = []
     scores = LabelChunks.scores
@@ -189,6 +220,20 @@ def _shard_worker(rank: int, port: int, out_dir: str) -> None:
                 out[f"{name}-{P}/{kind}/loss"] = loss
                 for what, g in zip(("q", "labels", "bias"), grads):
                     out[f"{name}-{P}/{kind}/{what}"] = g
+        # fresh rows on each shard (its own positions) against the dense loss of the replaced shard
+        q, labels, bias, pos, mask = make_pool()
+        cols = shard_columns(rank, labels.shape[0])
+        mine = [r - cols.start for r in FRESH_ROWS if cols.start <= r < cols.stop]
+        emb = (labels[cols][mine] + 1.0).requires_grad_()
+        replaced = labels[cols].clone()
+        replaced[mine] = emb.detach()
+        loss_ref, grads_ref = dense("soft_topk", q, replaced, bias[cols], pos[:, cols], mask[:, cols], group=group)
+        q_leaf = q.clone().requires_grad_()
+        loss = pool_loss("soft_topk", q_leaf, labels[cols], sp.csr_matrix(pos[:, cols]), sp.csr_matrix(mask[:, cols]),
+                         scale=SCALE, bias=bias[cols], chunk=4, group=group, fresh=(mine, emb), **OPTS)
+        loss.backward()
+        out |= {"fresh/loss": loss.detach(), "fresh/q": q_leaf.grad, "fresh/emb": emb.grad,
+                "fresh/dense_loss": loss_ref, "fresh/dense_q": grads_ref[0], "fresh/dense_emb": grads_ref[1][mine]}
     finally:
         torch.distributed.destroy_process_group()
     save_file(out, str(Path(out_dir) / f"rank{rank}.safetensors"))
@@ -220,3 +265,11 @@ def test_sharded_chunked_loss_equals_the_dense_sharded_one_and_one_process(shard
     # q's rows are every rank's: their gradients add up (gather_rows' backward) to world_size x one process's
     torch.testing.assert_close(sum(got[f"{case}/chunked/q"] for got in shards) / WORLD, g_q, rtol=1e-9, atol=1e-11)
     assert loss > 0
+
+
+def test_sharded_fresh_rows_give_the_dense_sharded_gradients(shards):
+    for rank, got in enumerate(shards):
+        assert got["fresh/emb"].shape[0] >= 1  # both shards replace rows (5 and 1)
+        for what in ("loss", "q", "emb"):
+            torch.testing.assert_close(got[f"fresh/{what}"], got[f"fresh/dense_{what}"], rtol=1e-9, atol=1e-11,
+                                       msg=f"rank {rank}: {what}")

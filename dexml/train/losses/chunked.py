@@ -60,6 +60,29 @@ class _SparseColumns:
         return out
 
 
+class _FreshRows:
+    """Label rows replaced by fresh embeddings: `rows` (m,) distinct positions in [0, P), `emb` (m, d)."""
+
+    def __init__(self, rows, emb: torch.Tensor, num_labels: int, dtype):
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64).reshape(-1)
+        if emb.dim() != 2 or emb.shape[0] != len(rows):
+            raise ValueError(f"pool_loss: fresh = (rows, emb) needs emb (len(rows), d), got {len(rows)} rows "
+                             f"and emb {tuple(emb.shape)}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_labels or len(np.unique(rows)) != len(rows)):
+            raise ValueError(f"pool_loss: fresh rows must be distinct positions in [0, {num_labels})")
+        self.order = np.argsort(rows, kind="stable")
+        self.sorted_rows = rows[self.order]
+        self.emb = emb.detach().to(dtype)
+        self.device = emb.device
+
+    def within(self, start: int, stop: int):
+        lo, hi = np.searchsorted(self.sorted_rows, [start, stop])
+        if lo == hi:
+            return None
+        cols = torch.from_numpy(self.sorted_rows[lo:hi] - start).to(self.device)
+        return cols, torch.from_numpy(self.order[lo:hi]).to(self.device)
+
+
 def _as_boolean_csr(x, shape, what: str) -> sp.csr_matrix:
     """x (scipy sparse or array-like) as a (B, P) int8 CSR with one stored 1 per true entry."""
     m = sp.csr_matrix(x)
@@ -77,12 +100,14 @@ class LabelChunks:
     Iterating gives (s, pos, keep) per chunk: scores in the compute dtype (float64 for float64
     inputs, else float32), positives (unmasked ones only) and kept (unmasked) entries as (B, w) bool.
     `positives_per_row` / `kept_per_row` count this process's columns; `group` is the process group
-    the losses reduce over (None: this process holds every label)."""
+    the losses reduce over (None: this process holds every label). `fresh` = (rows, emb): the
+    embeddings `emb` stand in for the label rows `rows` (see `pool_loss`)."""
 
-    def __init__(self, q, labels, bias, scale: float, positives, masked, chunk: int, group=None):
+    def __init__(self, q, labels, bias, scale: float, positives, masked, chunk: int, group=None, fresh=None):
         self.dtype = torch.float64 if torch.float64 in (q.dtype, labels.dtype) else torch.float32
         self.q = q.detach().to(self.dtype)
         self.labels = labels.detach()
+        self._fresh = None if fresh is None else _FreshRows(*fresh, labels.shape[0], self.dtype)
         self.bias = None if bias is None else bias.detach()
         self.scale, self.chunk, self.group = float(scale), int(chunk), group
         self.num_rows, self.num_labels = q.shape[0], labels.shape[0]
@@ -103,17 +128,31 @@ class LabelChunks:
     def label_block(self, start: int, stop: int) -> torch.Tensor:
         return self.labels[start:stop].to(self.dtype)  # a view when the labels are in the compute dtype
 
+    def fresh_in(self, start: int, stop: int):
+        """(columns within the chunk, their fresh embeddings' indices) of the fresh rows in [start, stop)."""
+        return None if self._fresh is None else self._fresh.within(start, stop)
+
     def scores(self, start: int, stop: int, block: torch.Tensor | None = None) -> torch.Tensor:
         block = self.label_block(start, stop) if block is None else block
         if self.bias is None:
-            return (self.q @ block.T).mul_(self.scale)
-        return torch.addmm(self.bias[start:stop].to(self.dtype)[None], self.q, block.T, alpha=self.scale)
+            s = (self.q @ block.T).mul_(self.scale)
+        else:
+            s = torch.addmm(self.bias[start:stop].to(self.dtype)[None], self.q, block.T, alpha=self.scale)
+        fresh = self.fresh_in(start, stop)
+        if fresh is not None:
+            cols, which = fresh
+            s[:, cols] = self.q @ self._fresh.emb[which].T * self.scale
+            if self.bias is not None:
+                s[:, cols] += self.bias[start + cols].to(self.dtype)
+        return s
 
     def score_bound(self) -> torch.Tensor:
         """(B,) bounds on |s| per row over this process's labels: scale |q| max |l| + max |bias|."""
         top_norm = torch.zeros((), dtype=self.dtype, device=self.q.device)
         for start, stop in self.slices():  # blocks: a bf16 table is never converted whole
             top_norm = torch.maximum(top_norm, self.label_block(start, stop).norm(dim=1).amax())
+        if self._fresh is not None and len(self._fresh.emb):
+            top_norm = torch.maximum(top_norm, self._fresh.emb.norm(dim=1).amax())
         top_bias = 0.0 if self.bias is None or self.num_labels == 0 else self.bias.abs().amax().to(self.dtype)
         return self.scale * self.q.norm(dim=1) * top_norm + top_bias
 
@@ -135,10 +174,11 @@ class _PoolLoss(torch.autograd.Function):
     """The loss of `over_chunks` on `chunks`; backward walks the chunks again (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, q, labels, bias, chunks: LabelChunks, over_chunks, opts: dict):
+    def forward(ctx, q, labels, bias, fresh_emb, chunks: LabelChunks, over_chunks, opts: dict):
         loss, grad_scores = over_chunks(chunks, **opts)
         ctx.chunks, ctx.grad_scores = chunks, grad_scores
-        ctx.dtypes = (q.dtype, labels.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (q.dtype, labels.dtype, None if bias is None else bias.dtype,
+                      None if fresh_emb is None else fresh_emb.dtype)
         if loss is None:  # no row counts: a zero loss whose gradients are zero, as the dense losses
             return torch.zeros((), dtype=torch.float32, device=q.device)
         return loss
@@ -146,15 +186,16 @@ class _PoolLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         c, grad_scores = ctx.chunks, ctx.grad_scores
-        want_q, want_labels, want_bias = ctx.needs_input_grad[:3]
-        q_dtype, labels_dtype, bias_dtype = ctx.dtypes
+        want_q, want_labels, want_bias, want_fresh = ctx.needs_input_grad[:4]
+        q_dtype, labels_dtype, bias_dtype, fresh_dtype = ctx.dtypes
         device = c.q.device
         grad_q = torch.zeros_like(c.q) if want_q else None
         in_place = labels_dtype == c.dtype and grad_scores is not None  # mm writes every row of it below
         grad_labels = ((torch.empty if in_place else torch.zeros)(c.labels.shape, dtype=labels_dtype, device=device)
                        if want_labels else None)
         grad_bias = torch.zeros(c.num_labels, dtype=bias_dtype, device=device) if want_bias else None
-        if grad_scores is not None and (want_q or want_labels or want_bias):
+        grad_fresh = torch.zeros_like(c._fresh.emb) if want_fresh else None
+        if grad_scores is not None and (want_q or want_labels or want_bias or want_fresh):
             # Every rank's loss is the same global loss: as through a differentiable all_reduce,
             # each shard's gradient is the sum over the ranks of their incoming gradients.
             g = _all_reduce(grad_loss.detach().to(c.dtype).reshape(1).clone(), c.group)[0]
@@ -165,6 +206,15 @@ class _PoolLoss(torch.autograd.Function):
                 if want_bias:
                     grad_bias[start:stop] = ds.sum(dim=0).to(bias_dtype)
                 ds.mul_(c.scale)  # d loss / d (q l^T)
+                fresh = c.fresh_in(start, stop)
+                if fresh is not None:  # those columns' label vectors are the fresh embeddings
+                    cols, which = fresh
+                    ds_fresh = ds[:, cols]
+                    ds[:, cols] = 0.0  # the table rows they stand in for get no gradient
+                    if want_q:
+                        grad_q.addmm_(ds_fresh, c._fresh.emb[which])
+                    if want_fresh:
+                        grad_fresh[which] = ds_fresh.T @ c.q
                 if want_q:
                     grad_q.addmm_(ds, block)
                 if want_labels and in_place:
@@ -173,11 +223,13 @@ class _PoolLoss(torch.autograd.Function):
                     grad_labels[start:stop] = (ds.T @ c.q).to(labels_dtype)
         if grad_q is not None:
             grad_q = grad_q.to(q_dtype)
-        return grad_q, grad_labels, grad_bias, None, None, None
+        if grad_fresh is not None:
+            grad_fresh = grad_fresh.to(fresh_dtype)
+        return grad_q, grad_labels, grad_bias, grad_fresh, None, None, None
 
 
 def pool_loss(name: str, q: torch.Tensor, labels: torch.Tensor, positives, masked=None, *, scale: float,
-              bias: torch.Tensor | None = None, chunk: int = 4096, group=None, **opts) -> torch.Tensor:
+              bias: torch.Tensor | None = None, chunk: int = 4096, group=None, fresh=None, **opts) -> torch.Tensor:
     """Loss `name` of queries `q` (B, d) against the pool's `labels` (P, d), never materialising B x P.
 
     The scores are s = scale * q @ labels.T + bias (scale = 1 / tau; bias: optional (P,) per-label
@@ -186,7 +238,12 @@ def pool_loss(name: str, q: torch.Tensor, labels: torch.Tensor, positives, maske
     `LOSSES[name](s, positives, masked, group)` returns, with the same gradients for q, labels and bias
     (for those that require grad), computed `chunk` labels at a time. With a process group each rank
     passes its own label shard (labels, bias, positives' and masked's columns) and every row of q.
-    Options (k, alpha for soft_topk) as for `get_loss`."""
+    Options (k, alpha for soft_topk) as for `get_loss`.
+
+    fresh = (rows, emb), optional: `emb` (m, d) stands in for the label rows `rows` (m distinct
+    positions in [0, P)), as if `labels[rows] = emb` — a cached label table (`labels`, no grad) with
+    the step's freshly encoded labels. `emb` gets its gradient (O(m x d)); the rows it replaces get
+    none, and the table needs neither a copy nor a P x d gradient."""
     check_loss_name(name)
     opts = loss_options(name, opts)
     if q.dim() != 2 or labels.dim() != 2 or labels.shape[1] != q.shape[1]:
@@ -197,5 +254,5 @@ def pool_loss(name: str, q: torch.Tensor, labels: torch.Tensor, positives, maske
     if chunk < 1:
         raise ValueError(f"pool_loss: chunk must be a positive number of labels, got {chunk}")
     over_chunks = importlib.import_module(LOSS_TYPES[name].module).over_chunks
-    chunks = LabelChunks(q, labels, bias, scale, positives, masked, chunk, group)
-    return _PoolLoss.apply(q, labels, bias, chunks, over_chunks, opts)
+    chunks = LabelChunks(q, labels, bias, scale, positives, masked, chunk, group, fresh)
+    return _PoolLoss.apply(q, labels, bias, None if fresh is None else fresh[1], chunks, over_chunks, opts)
