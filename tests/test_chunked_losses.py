@@ -180,6 +180,15 @@ def test_large_scores_stay_finite(name):
     assert torch.isfinite(loss) and loss > 0 and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_labels_changed_in_place_before_backward_are_an_error():
+    q, labels, _, pos, mask = make_pool()
+    q = q.requires_grad_()
+    loss = pool_loss("softmax", q, labels, pos, mask, scale=SCALE, chunk=4)
+    labels[0] += 1.0  # the backward would recompute other scores than the forward's
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_bad_arguments_are_named():
     q, labels, bias, pos, mask = make_pool()
     with pytest.raises(ConfigError, match=r"loss\.name.*'hinge'"):

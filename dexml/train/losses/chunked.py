@@ -177,6 +177,7 @@ class _PoolLoss(torch.autograd.Function):
     def forward(ctx, q, labels, bias, fresh_emb, chunks: LabelChunks, over_chunks, opts: dict):
         loss, grad_scores = over_chunks(chunks, **opts)
         ctx.chunks, ctx.grad_scores = chunks, grad_scores
+        ctx.save_for_backward(q, labels, bias, fresh_emb)  # only so that autograd's in-place checks see them
         ctx.dtypes = (q.dtype, labels.dtype, None if bias is None else bias.dtype,
                       None if fresh_emb is None else fresh_emb.dtype)
         if loss is None:  # no row counts: a zero loss whose gradients are zero, as the dense losses
@@ -185,6 +186,7 @@ class _PoolLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        ctx.saved_tensors  # noqa: B018  (raises if an input was modified in place since the forward)
         c, grad_scores = ctx.chunks, ctx.grad_scores
         want_q, want_labels, want_bias, want_fresh = ctx.needs_input_grad[:4]
         q_dtype, labels_dtype, bias_dtype, fresh_dtype = ctx.dtypes
