@@ -99,7 +99,7 @@ def encoder_rows(model, graphs: dict[str, Path], texts: list[str], args, device:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0 = all cores
         session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        t = median_time(lambda: session.run([OUTPUT_NAME], feeds), args.repeats)
+        t = median_time(lambda session=session: session.run([OUTPUT_NAME], feeds), args.repeats)
         rows.append({"part": "encoder", "threads": threads or "all", "backend": f"ONNX Runtime {label} (cpu)",
                      "ms_per_batch": t * 1000, "sequences_per_s": args.batch / t})
     for row in rows:
