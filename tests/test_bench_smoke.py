@@ -100,7 +100,7 @@ def test_report_renders_tables_and_marks_missing_gpu_rows(tmp_path):
     (results / "cpu").mkdir(parents=True)
     (results / "cpu" / "memory.json").write_text(json.dumps(memory_doc))
     doc = tmp_path / "benchmarks.md"
-    names = ("losses", "throughput", "memory", "serving", "index")
+    names = ("losses", "throughput", "memory", "serving", "load", "index")
     doc.write_text("intro\n" + "".join(f"<!-- BEGIN bench:{n} -->\nold\n<!-- END bench:{n} -->\nprose {n}\n"
                                       for n in names))
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 0
