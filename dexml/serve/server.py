@@ -248,7 +248,7 @@ class Service:
         forced = True  # the first load
         while not self._stop.is_set():
             key = bundle_key(self.path)
-            if forced or key != self._seen_key:
+            if forced or key != self._seen_key or self.current is None:  # not ready: keep trying
                 self._seen_key = key
                 self.reload("start" if self.current is None and forced else "SIGHUP" if forced else "changed")
             forced = self._reload.wait(self.settings.watch_interval_s)
