@@ -2,7 +2,7 @@
 
 Answers equal Predictor's; every bad input gets its 4xx; a full queue answers 503; a bundle
 swapped in by `rollback` during a burst loses no request; a tampered bundle is refused while the
-old one keeps answering; SIGTERM drains the requests in flight and exits 0."""
+old one keeps answering; SIGHUP reloads; SIGTERM drains the requests in flight and exits 0."""
 from __future__ import annotations
 
 import asyncio
@@ -280,7 +280,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
+def test_sighup_reloads_and_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
     (tmp_path / "params.yaml").write_text("serve:\n  max_wait_ms: 800\n  max_batch: 4096\n")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -296,6 +296,11 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
             time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)  # a forced reload: the same bundle, verified and swapped in again
+        with httpx.Client(base_url=url) as client:
+            while metric(client, 'dexml_bundle_reloads_total{result="swapped"}') < 2:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the bundle"
+                time.sleep(0.05)
         # The batch waits 800 ms for more requests: these are in flight when SIGTERM arrives.
         results: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: results.extend(
