@@ -114,6 +114,12 @@ def index_params(r: dict) -> dict:
     return r
 
 
+def load_row(r: dict) -> dict:
+    r["bundles_seen"] = len(r.get("bundles_seen") or [])
+    r["switch_s"] = ", ".join(f"{v:.2f}" if v is not None else "-" for v in r["switch_s"]) if r.get("switch_s") else None
+    return r
+
+
 def blocks(res: dict) -> dict[str, str]:
     return {
         "losses": losses_block(res),
@@ -125,11 +131,17 @@ def blocks(res: dict) -> dict[str, str]:
                                {"step_s": ".2f", "cpu_s_per_step": ".2f", "baseline_mb": ".0f", "peak_mb": ".0f",
                                 "step_mb": ".0f", "emb_table_mb": ".1f", "scores_mb": ".1f"}),
         "serving": simple_block(res, "serving", [], {"p50_ms": ".2f", "p99_ms": ".2f", "mean_ms": ".2f",
+                                                     "vs_pytorch": ".2f",
                                                      "cosine_mean": ".4f", "cosine_min": ".4f"},
-                                split=[("encoder", ["backend", "ms_per_batch", "sequences_per_s"]),
+                                split=[("encoder", ["threads", "backend", "ms_per_batch", "sequences_per_s",
+                                                    "vs_pytorch"]),
                                        ("predictor", ["backend", "p50_ms", "p99_ms", "mean_ms", "queries"]),
                                        ("int8", ["encoder", "P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "R@10",
                                                  "R@100", "cosine_mean", "cosine_min"])]),
+        "load": simple_block(res, "load", ["scenario", "requests", "errors", "requests_per_s", "p50_ms", "p99_ms",
+                                           "mean_batch_texts", "max_batch_texts", "bundles_seen", "switch_s"],
+                             {"requests_per_s": ".1f", "p50_ms": ".1f", "p99_ms": ".1f", "mean_batch_texts": ".1f"},
+                             prepare=load_row, devices=("cpu",)),
         "index": simple_block(res, "index", ["labels", "type", "build_s", "build_cpu_s", "queries_per_s",
                                              "recall@100", "index_mb", "params"],
                               {"recall@100": ".4f", "queries_per_s": ".0f", "build_s": ".1f", "build_cpu_s": ".1f"},

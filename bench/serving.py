@@ -1,6 +1,7 @@
 """Benchmark 4: serving. Encoder throughput (batch 64 x 32 tokens) in PyTorch vs ONNX Runtime
-fp32 vs int8; end-to-end `Predictor` latency (p50/p99) for single queries; the metric change
-from the int8 query encoder on the test split.
+fp32 (every export graph variant, the shipped one marked) vs int8, at each --threads count side by
+side; end-to-end `Predictor` latency (p50/p99) for single queries; the metric change from the int8
+query encoder on the test split.
 
 The model is --model (a dexml encoder directory, e.g. one trained by bench/losses.py
 --save-model) or, by default, the untrained --encoder. It is exported with the pipeline's own
@@ -10,6 +11,7 @@ the same fp32 label embeddings by exact search (no faiss needed). The Predictor 
 (a flat index built by dexml.index.build_index) and are skipped where it is absent.
 
     python bench/serving.py --device cpu
+    /work/wt/heavy -2 python bench/serving.py --parts encoder --threads 1,2 --out bench/results/cpu/serving_variants.json
     python bench/serving.py --device cuda --model /tmp/decoupled   # adds PyTorch bf16 on the GPU
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-ENC_COLUMNS = ["backend", "ms_per_batch", "sequences_per_s"]
+ENC_COLUMNS = ["threads", "backend", "ms_per_batch", "sequences_per_s", "vs_pytorch"]
 LAT_COLUMNS = ["backend", "p50_ms", "p99_ms", "mean_ms", "queries"]
 Q_COLUMNS = ["encoder", "P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "R@10", "R@100"]
 
@@ -41,6 +43,10 @@ def parse_args(argv=None):
     ap.add_argument("--queries", type=int, default=200, help="single-query Predictor calls timed")
     ap.add_argument("--test-max", type=int, default=None, help="score only the first N test points")
     ap.add_argument("--parts", default="encoder,predictor,int8", help="comma list of encoder,predictor,int8")
+    ap.add_argument("--threads", default=None, help="comma list of thread counts for the encoder rows, measured "
+                    "one after the other in this run (default: OMP_NUM_THREADS, else all cores)")
+    ap.add_argument("--no-variants", action="store_true", help="only the shipped graph (export.variant auto), "
+                    "not every variant exported separately")
     ap.add_argument("--text", default=None, choices=["title", "title+content"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default=None)
@@ -62,17 +68,20 @@ def median_time(fn, repeats: int, device: str = "cpu", warmup: int = 3) -> float
     return float(np.median(times))
 
 
-def encoder_rows(model, enc_dir: Path, texts: list[str], args, device: str) -> list[dict]:
-    """ms per (batch x tokens) batch: PyTorch (fp32, + bf16 autocast on CUDA), ORT fp32 and int8."""
+def encoder_rows(model, graphs: dict[str, Path], texts: list[str], args, device: str, threads: int) -> list[dict]:
+    """ms per (batch x tokens) batch with `threads` threads: PyTorch (fp32, + bf16 autocast on
+    CUDA), then ONNX Runtime on each graph of `graphs` (label -> .onnx file)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
-    from dexml.serve.encoder import OUTPUT_NAME, read_encoder_meta
+    from dexml.serve.encoder import OUTPUT_NAME
 
     batch = (texts * (args.batch // max(len(texts), 1) + 1))[:args.batch]
     enc = model.tokenizer(batch, padding="max_length", truncation=True, max_length=args.tokens, return_tensors="pt")
     rows = []
+    if threads:
+        torch.set_num_threads(threads)
     tower = model.query_tower.to(device).eval()
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     variants = [("fp32", None)] + ([("bf16 autocast", torch.bfloat16)] if device.startswith("cuda") else [])
@@ -81,20 +90,20 @@ def encoder_rows(model, enc_dir: Path, texts: list[str], args, device: str) -> l
             with torch.no_grad(), (torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()):
                 tower(ids, mask)
         t = median_time(run, args.repeats, device)
-        rows.append({"part": "encoder", "backend": f"PyTorch {name} ({device})", "ms_per_batch": t * 1000,
-                     "sequences_per_s": args.batch / t})
-    meta = read_encoder_meta(enc_dir)
+        rows.append({"part": "encoder", "threads": threads or "all", "backend": f"PyTorch {name} eager ({device})",
+                     "ms_per_batch": t * 1000, "sequences_per_s": args.batch / t})
+    torch_ms = rows[0]["ms_per_batch"]
     feeds = {"input_ids": enc["input_ids"].numpy().astype(np.int64),
              "attention_mask": enc["attention_mask"].numpy().astype(np.int64)}
-    for name, file in (("fp32", meta["files"]["query"]), ("int8", meta["int8_files"].get("query"))):
-        if not file:
-            continue
+    for label, file in graphs.items():
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0"))  # 0 = all cores
-        session = ort.InferenceSession(str(enc_dir / file), options, providers=["CPUExecutionProvider"])
-        t = median_time(lambda: session.run([OUTPUT_NAME], feeds), args.repeats)
-        rows.append({"part": "encoder", "backend": f"ONNX Runtime {name} (cpu)", "ms_per_batch": t * 1000,
-                     "sequences_per_s": args.batch / t})
+        options.intra_op_num_threads = threads  # 0 = all cores
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        t = median_time(lambda session=session: session.run([OUTPUT_NAME], feeds), args.repeats)
+        rows.append({"part": "encoder", "threads": threads or "all", "backend": f"ONNX Runtime {label} (cpu)",
+                     "ms_per_batch": t * 1000, "sequences_per_s": args.batch / t})
+    for row in rows:
+        row["vs_pytorch"] = torch_ms / row["ms_per_batch"]
     return rows
 
 
@@ -158,7 +167,7 @@ def main(argv=None) -> dict:
     texts = {"query": ds.tst.texts(text), "label": ds.lbl.texts(text)}
 
     from dexml.config import ExportParams, ModelParams
-    from dexml.pipeline.export import EDGE_TEXTS, export_encoder
+    from dexml.pipeline.export import EDGE_TEXTS, VARIANTS, export_encoder
     from dexml.train.model import DualEncoder
 
     if args.model:
@@ -169,20 +178,37 @@ def main(argv=None) -> dict:
                                             label_max_len=args.tokens)).save(model_dir)
     model = DualEncoder.load(model_dir)
     bundle = workdir / "bundle"
-    with common.Clock() as c:
-        report = export_encoder(model_dir, bundle / "encoder", ExportParams(quantize_int8=True),
-                                {"query": texts["query"][:64] + EDGE_TEXTS, "label": texts["label"][:64] + EDGE_TEXTS})
+    parity = {"query": texts["query"][:64] + EDGE_TEXTS, "label": texts["label"][:64] + EDGE_TEXTS}
+    with common.Clock() as c:  # what the pipeline ships: export.variant auto, + int8 of the chosen graph
+        report = export_encoder(model_dir, bundle / "encoder", ExportParams(quantize_int8=True), parity)
+    from dexml.serve.encoder import read_encoder_meta
+
+    meta = read_encoder_meta(bundle / "encoder")
+    chosen = report["variant"]
+    graphs = {}
+    if "encoder" in parts and not args.no_variants:
+        for name in VARIANTS:  # each variant on its own, through the same export code
+            report_v = export_encoder(model_dir, workdir / f"variant_{name}", ExportParams(variant=name), parity)
+            note = " [old default]" if name == "sdpa" else ""
+            note += " [shipped]" if name == chosen else ""
+            graphs[f"fp32 {name}{note}"] = workdir / f"variant_{name}" / report_v["files"]["query"]
+    else:
+        graphs[f"fp32 {chosen} [shipped]"] = bundle / "encoder" / meta["files"]["query"]
+    graphs[f"int8 of {chosen}"] = bundle / "encoder" / meta["int8_files"]["query"]
     settings = {"data": str(args.data), "model": str(args.model or f"untrained {args.encoder}"),
                 "batch": args.batch, "tokens": args.tokens, "repeats": args.repeats, "text": text,
                 "export_s": round(c.wall_s, 1), "export_parity": report["parity"], "int8_export": report["int8"],
+                "export_variant": chosen, "export_variants": report["variants"], "export_timing": report["timing"],
                 "onnxruntime_providers": "CPUExecutionProvider", "test_points": len(ds.tst),
-                "onnxruntime_threads": os.environ.get("OMP_NUM_THREADS", "default (all cores)")}
+                "onnxruntime_threads": args.threads or os.environ.get("OMP_NUM_THREADS", "default (all cores)")}
     out = Path(args.out) if args.out else common.default_out("serving", device)
     results = common.Results(out, "serving", device, settings)
 
     if "encoder" in parts:
-        for row in encoder_rows(model, bundle / "encoder", texts["query"], args, device):
-            results.add(row)
+        default = int(os.environ.get("OMP_NUM_THREADS", "0"))
+        for threads in [int(t) for t in args.threads.split(",")] if args.threads else [default]:
+            for row in encoder_rows(model, graphs, texts["query"], args, device, threads):
+                results.add(row)
     if "predictor" in parts:
         try:
             import faiss  # noqa: F401

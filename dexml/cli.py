@@ -2,7 +2,7 @@
 
 Stage commands (one per DVC stage) call `run(params, root)` of their module in
 dexml.pipeline and print its `summary(result)`. Tool commands (predict, promote, rollback,
-preset) provide `add_arguments(parser)` and `main(args, params)`; params are loaded for the
+preset, serve) provide `add_arguments(parser)` and `main(args, params)`; params are loaded for the
 tools that need them. Modules are imported lazily, so e.g. `dexml predict` never imports torch.
 No module under dexml/ imports this one.
 """
@@ -39,6 +39,8 @@ COMMANDS = {
     "promote": Command("dexml.pipeline.promote", "gate a candidate bundle against production and promote it",
                        params=True, prefix="promote_"),
     "rollback": Command("dexml.pipeline.promote", "restore the previous production bundle", prefix="rollback_"),
+    "serve": Command("dexml.serve.server", "serve a bundle over HTTP, following promotions and rollbacks (no torch)",
+                     params=True),
 }
 
 

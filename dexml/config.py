@@ -146,6 +146,11 @@ class ExportParams:
     parity_tol: float = 1e-4
     quantize_int8: bool = False  # also write an int8 (dynamic, per-channel) query encoder
     parity_texts: int = 64  # held-out test queries and labels compared with PyTorch (+ edge cases)
+    # Which graph ships (dexml/pipeline/export.py): auto = the fastest measured that passes parity.
+    variant: Literal["auto", "sdpa", "eager", "sdpa_fused", "eager_fused"] = "auto"
+    variant_repeats: int = 5  # auto: timed runs per variant (one batch of 32 queries each)
+    ort_threads: int = 0  # onnxruntime intra-op threads recorded in the bundle; 0 = all cores
+    ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,26 @@ class FlowParams:
 
 
 @dataclass
+class ServeParams:
+    """`dexml serve` (dexml/serve/server.py); flags of the same name override these."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_batch: int = 64  # texts per encoder call (micro-batching)
+    max_wait_ms: float = 2.0  # how long a batch waits for more requests once it has one
+    queue_size: int = 256  # requests waiting for the encoder; beyond: 503 with Retry-After
+    timeout_s: float = 10.0  # per request, queueing included; beyond: 504
+    max_texts: int = 64  # texts per request
+    max_chars: int = 2000  # characters per text
+    max_body_bytes: int = 1_000_000
+    max_k: int = 100  # labels per text a request may ask for (also at most the bundle's label count)
+    default_k: int = 5
+    watch_interval_s: float = 2.0  # how often the bundle path is checked for a new bundle
+    drain_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    threads: int = 0  # onnxruntime intra-op threads; 0 = as the bundle records (export.ort_threads)
+    int8: bool = False  # serve the bundle's int8 query encoder
+
+
+@dataclass
 class Params:
     dataset: DatasetParams = field(default_factory=DatasetParams)
     data: DataParams = field(default_factory=DataParams)
@@ -221,6 +246,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     rae: RaeParams = field(default_factory=RaeParams)
     flow: FlowParams = field(default_factory=FlowParams)
+    serve: ServeParams = field(default_factory=ServeParams)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -386,6 +412,33 @@ def _check(p: Params) -> None:
     need(_is_timezone(f.timezone), "flow.timezone", "an IANA time zone name, e.g. UTC or Europe/Paris", f.timezone)
     need(f.download_retries >= 0, "flow.download_retries", "an integer >= 0", f.download_retries)
     need(f.download_retry_delay >= 0, "flow.download_retry_delay", "a number of seconds >= 0", f.download_retry_delay)
+    e = p.export
+    need(1 <= e.variant_repeats <= 100, "export.variant_repeats", "an integer in 1..100", e.variant_repeats)
+    need(0 <= e.ort_threads <= 256, "export.ort_threads", "0 (all cores) or a thread count up to 256", e.ort_threads)
+    check_serve(p.serve)
+
+
+def check_serve(v: ServeParams) -> None:
+    """Range checks of the serve section (also run on `dexml serve`'s flags)."""
+
+    def need(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"params key `serve.{key}`: expected {expected}, got {value!r}")
+
+    need(bool(v.host), "host", "a host name or address", v.host)
+    need(0 <= v.port <= 65535, "port", "a port number in 0..65535 (0: any free port)", v.port)
+    need(1 <= v.max_batch <= 4096, "max_batch", "an integer in 1..4096", v.max_batch)
+    need(0 <= v.max_wait_ms <= 1000, "max_wait_ms", "milliseconds in 0..1000", v.max_wait_ms)
+    need(1 <= v.queue_size <= 100_000, "queue_size", "an integer in 1..100000", v.queue_size)
+    need(0 < v.timeout_s <= 3600, "timeout_s", "seconds in (0, 3600]", v.timeout_s)
+    need(1 <= v.max_texts <= 10_000, "max_texts", "an integer in 1..10000", v.max_texts)
+    need(1 <= v.max_chars <= 1_000_000, "max_chars", "an integer in 1..1000000", v.max_chars)
+    need(1024 <= v.max_body_bytes <= 1 << 30, "max_body_bytes", "bytes in 1024..1073741824", v.max_body_bytes)
+    need(1 <= v.max_k <= MAX_K, "max_k", f"an integer in 1..{MAX_K}", v.max_k)
+    need(1 <= v.default_k <= v.max_k, "default_k", f"an integer in 1..serve.max_k ({v.max_k})", v.default_k)
+    need(0 < v.watch_interval_s <= 3600, "watch_interval_s", "seconds in (0, 3600]", v.watch_interval_s)
+    need(0 <= v.drain_s <= 3600, "drain_s", "seconds in 0..3600", v.drain_s)
+    need(0 <= v.threads <= 256, "threads", "0 (as the bundle records) or a thread count up to 256", v.threads)
 
 
 # Cron fields (what Prefect's schedules accept): minute, hour, day of month, month, weekday.

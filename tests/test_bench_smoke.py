@@ -70,7 +70,11 @@ def test_serving_exports_times_and_measures_int8(tiny_encoder, tiny_dataset_dir,
                         "--out", str(tmp_path / "s.json"), "--workdir", str(tmp_path / "w")])
     rows = doc["rows"]
     backends = [r["backend"] for r in rows if r["part"] == "encoder"]
-    assert backends == ["PyTorch fp32 (cpu)", "ONNX Runtime fp32 (cpu)", "ONNX Runtime int8 (cpu)"]
+    chosen = doc["settings"]["export_variant"]
+    assert backends[0] == "PyTorch fp32 eager (cpu)" and backends[-1] == f"ONNX Runtime int8 of {chosen} (cpu)"
+    assert [b.split()[3] for b in backends[1:-1]] == ["sdpa", "eager", "sdpa_fused", "eager_fused"]
+    assert [b for b in backends if "[shipped]" in b] == [b for b in backends if b.split()[3:4] == [chosen]]
+    assert all(r["vs_pytorch"] > 0 for r in rows if r["part"] == "encoder")
     latency = [r for r in rows if r["part"] == "predictor"]
     assert len(latency) == 2 and all(r["p50_ms"] <= r["p99_ms"] and r["queries"] == 5 for r in latency)
     fp32, int8, delta = [r for r in rows if r["part"] == "int8"]
@@ -96,7 +100,7 @@ def test_report_renders_tables_and_marks_missing_gpu_rows(tmp_path):
     (results / "cpu").mkdir(parents=True)
     (results / "cpu" / "memory.json").write_text(json.dumps(memory_doc))
     doc = tmp_path / "benchmarks.md"
-    names = ("losses", "throughput", "memory", "serving", "index")
+    names = ("losses", "throughput", "memory", "serving", "load", "index")
     doc.write_text("intro\n" + "".join(f"<!-- BEGIN bench:{n} -->\nold\n<!-- END bench:{n} -->\nprose {n}\n"
                                       for n in names))
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 0

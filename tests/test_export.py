@@ -106,3 +106,50 @@ def test_missing_model_is_a_clear_error(tmp_path, tiny_params, tiny_dataset_dir)
     with pytest.raises(ConfigError, match="dexml_encoder.json missing"):
         run_export(params, tmp_path)
     assert not (tmp_path / paths.BUNDLE_ENCODER).exists()
+
+
+def test_auto_measures_every_graph_variant_and_ships_the_fastest_that_passes_parity(tmp_path, tiny_params,
+                                                                                   tiny_dataset_dir):
+    params, model = _root_with_model(tmp_path, tiny_params, tiny_dataset_dir,
+                                     export={"parity_texts": 8, "variant_repeats": 2})
+    report = run_export(params, tmp_path)
+    out = tmp_path / paths.BUNDLE_ENCODER
+    variants = report["variants"]
+    assert set(variants) == {"sdpa", "eager", "sdpa_fused", "eager_fused"}
+    assert all(v["ms_per_batch"] > 0 for v in variants.values())
+    assert report["timing"] == {"batch": 32, "tokens": params.model.query_max_len, "repeats": 2}
+    chosen = report["variant"]
+    assert variants[chosen]["parity_max_abs_diff"] <= params.export.parity_tol
+    # every variant measured faster than the chosen one was checked and failed parity
+    faster = [n for n, v in variants.items() if v["ms_per_batch"] < variants[chosen]["ms_per_batch"]]
+    assert all(variants[n]["parity_max_abs_diff"] > params.export.parity_tol for n in faster)
+    # onnxruntime's optimizer fuses attention only in the eagerly exported graph
+    assert variants["eager_fused"]["fused_ops"]["Attention"] == 2  # the tiny BERT's 2 layers
+    assert "Attention" not in variants["sdpa_fused"]["fused_ops"]
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["variant"] == chosen
+    assert meta["session"] == {"intra_op_num_threads": 0, "graph_optimization_level": "all"}
+    got = OnnxEncoder(out, allow_gpu=False).embed(TEXTS, "query")
+    np.testing.assert_allclose(got, model.embed(TEXTS, "query").numpy(), atol=1e-4, rtol=0)
+
+
+def test_the_fused_graph_reproduces_pytorch_and_quantizes(tmp_path, tiny_params, tiny_dataset_dir):
+    params, model = _root_with_model(tmp_path, tiny_params, tiny_dataset_dir, export={
+        "variant": "eager_fused", "quantize_int8": True, "parity_texts": 8, "ort_threads": 1,
+        "ort_graph_optimization": "basic"})
+    report = run_export(params, tmp_path)
+    out = tmp_path / paths.BUNDLE_ENCODER
+    assert report["variant"] == "eager_fused" and report["timing"] is None  # named: nothing to time
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ("com.microsoft", "Attention") in ops and ("com.microsoft", "SkipLayerNormalization") in ops
+    enc = OnnxEncoder(out, allow_gpu=False)
+    options = enc._sessions["query"].get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert str(options.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
+    for side in ("query", "label"):
+        for bs in (1, 4):  # dynamic batch and sequence axes survive the fusion
+            np.testing.assert_allclose(enc.embed(TEXTS, side, batch_size=bs), model.embed(TEXTS, side).numpy(),
+                                       atol=1e-4, rtol=0)
+    assert report["int8"]["cosine_min"] > 0.99
+    q8 = OnnxEncoder(out, int8=True, allow_gpu=False).embed(TEXTS, "query")
+    assert ((q8 * enc.embed(TEXTS, "query")).sum(1) > 0.99).all()

@@ -6,6 +6,8 @@ The `export` stage writes an encoder directory; this module is the only reader o
     model.onnx | query.onnx + label.onnx, optional *_int8.onnx
     label_bias.safetensors  optional: per-label score offsets (dexml.priors; `label_bias` in
                      encoder.json names it), folded into the label index by the index stage
+encoder.json's optional `session` holds the onnxruntime settings the export chose from params
+(intra-op threads, graph optimisation level); `variant` names the graph the export measured fastest.
 Each graph takes int64 `input_ids` and `attention_mask` (batch, seq) and returns
 `sentence_embedding` (batch, dim), pooling and L2 normalisation included.
 """
@@ -26,6 +28,9 @@ TOKENIZER_FILE = "tokenizer.json"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "sentence_embedding"
 SIDES = ("query", "label")
+# export.ort_graph_optimization -> onnxruntime's level (the export writes the name into encoder.json)
+GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+DEFAULT_SESSION = {"intra_op_num_threads": 0, "graph_optimization_level": "all"}
 _META_KEYS = ("pooling", "normalize", "dim", "tau", "query_max_len", "label_max_len", "pad_token",
               "pad_id", "padding_side", "truncation_side", "files", "int8_files")
 
@@ -35,6 +40,22 @@ def ort_providers(allow_gpu: bool = True) -> list[str]:
     if allow_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def session_options(session: dict | None = None, intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime options from encoder.json's `session` settings (None: the defaults);
+    intra_op_threads overrides the recorded thread count (0 = onnxruntime's default, all cores)."""
+    settings = {**DEFAULT_SESSION, **(session or {})}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about CPU fallback nodes are noise here
+    threads = settings["intra_op_num_threads"] if intra_op_threads is None else intra_op_threads
+    options.intra_op_num_threads = int(threads)
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[settings["graph_optimization_level"]]
+    return options
 
 
 def read_encoder_meta(encoder_dir: str | Path) -> dict:
@@ -61,6 +82,13 @@ def read_encoder_meta(encoder_dir: str | Path) -> dict:
              and all(isinstance(v, str) for v in meta["int8_files"].values()), "a mapping of file names")):
         if not ok:
             raise BundleError(f"{path}: `{key}` expected {expected}, got {meta[key]!r}")
+    session = meta.get("session")
+    if session is not None and not (
+            isinstance(session, dict) and set(session) <= set(DEFAULT_SESSION)
+            and is_int(session.get("intra_op_num_threads", 0), 0)
+            and session.get("graph_optimization_level", "all") in GRAPH_OPTIMIZATION):
+        raise BundleError(f"{path}: `session` expected {{\"intra_op_num_threads\": an integer >= 0, "
+                          f"\"graph_optimization_level\": one of {', '.join(GRAPH_OPTIMIZATION)}}}, got {session!r}")
     return meta
 
 
@@ -69,9 +97,11 @@ class OnnxEncoder:
 
     int8=True uses the int8 graph for the sides that have one (the export quantizes the query
     side only: labels are embedded offline, so only query latency matters at serving time).
+    intra_op_threads: onnxruntime threads, overriding encoder.json's `session` (None: as recorded).
     """
 
-    def __init__(self, encoder_dir: str | Path, int8: bool = False, allow_gpu: bool = True):
+    def __init__(self, encoder_dir: str | Path, int8: bool = False, allow_gpu: bool = True,
+                 intra_op_threads: int | None = None):
         from tokenizers import Tokenizer
 
         self.dir = Path(encoder_dir)
@@ -84,8 +114,7 @@ class OnnxEncoder:
             files.update(self.meta["int8_files"])
         self.files = files
         self.int8 = int8
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # warnings about CPU fallback nodes are noise here
+        options = session_options(self.meta.get("session"), intra_op_threads)
         providers = ort_providers(allow_gpu)
         sessions: dict[str, ort.InferenceSession] = {}
         for name in sorted(set(files.values())):

@@ -44,17 +44,18 @@ class Predictor:
     a RaeSettings (or its dict) = on with those settings (the bundle needs the memory).
     max_k: the most labels one query may ask for (`check_k`); every k is also capped at the
     label count before anything is allocated, so no k can claim more memory than that.
+    threads: onnxruntime intra-op threads (None: as the bundle's encoder.json records).
     """
 
     def __init__(self, bundle_dir: str | Path = paths.BUNDLE_DIR, verify: bool = True,
                  int8: bool = False, gpu: bool = True, rae: "rae.RaeSettings | dict | bool | None" = None,
-                 max_k: int = MAX_K):
+                 max_k: int = MAX_K, threads: int | None = None):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise InputError(f"max_k: expected a positive integer, got {max_k!r}")
         self.max_k = max_k
         self.dir = Path(bundle_dir)
         self.manifest = verify_bundle(self.dir) if verify else None
-        self.encoder = OnnxEncoder(self.dir / "encoder", int8=int8, allow_gpu=gpu)
+        self.encoder = OnnxEncoder(self.dir / "encoder", int8=int8, allow_gpu=gpu, intra_op_threads=threads)
         self._gpu = gpu
         self._index = None
         self.index_info: dict | None = None  # index.json, once the index is loaded
