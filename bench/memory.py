@@ -3,7 +3,7 @@
 For each label count (10^4, 10^5, 10^6 by default) a fresh process builds synthetic tokenized
 labels and queries (random token ids, fixed lengths; a random label set per query), then runs
 `--steps` training steps exactly as the training loop does (build_pool("all") ->
-dexml.train.grad_cached_step -> AdamW) with a fixed batch. Gradient caching keeps one chunk
+dexml.train.loop.train_step -> AdamW) with a fixed batch. Gradient caching keeps one chunk
 of label activations at a time, so the memory above the model should grow only with the
 label-embedding table (L x d floats, plus its gradient) and the (B x L) score matrix and its
 loss temporaries; both are reported next to the measurement.
@@ -71,8 +71,7 @@ def run_one(num_labels: int, args, enc: str) -> dict:
     import torch
 
     from dexml.config import ModelParams
-    from dexml.train.loop import autocast_for, grad_cached_step
-    from dexml.train.losses import get_loss
+    from dexml.train.loop import autocast_for, train_step
     from dexml.train.model import DualEncoder
     from dexml.train.negatives import build_pool
 
@@ -91,13 +90,12 @@ def run_one(num_labels: int, args, enc: str) -> dict:
                        np.arange(0, cols.size + 1, args.positives)), shape=(B * args.steps, num_labels))
     y.sum_duplicates()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = get_loss("decoupled_softmax")
     autocast = lambda: autocast_for(dev, "auto")  # noqa: E731
 
     def step(rows, mode):
         pool = build_pool(mode, y[rows], rng, 1)
         q_ids, q_mask = q_tok.batch(rows, device)
-        grad_cached_step(model, q_ids, q_mask, l_tok, pool, loss_fn, args.label_chunk, dev, autocast)
+        train_step(model, q_ids, q_mask, l_tok, pool, "decoupled_softmax", args.label_chunk, dev, autocast)
         opt.step()
         opt.zero_grad(set_to_none=True)
         common.sync(device)

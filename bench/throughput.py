@@ -2,7 +2,7 @@
 to sentence-transformers' CachedMultipleNegativesRankingLoss on the same pairs.
 
 Every configuration runs in its own process (so peak memory is its own) over the same
-batches of training queries: the dexml modes through `dexml.train.grad_cached_step` exactly as
+batches of training queries: the dexml modes through `dexml.train.loop.train_step` exactly as
 the training loop runs it (pool, gradient-cached step, clipping, AdamW), sentence-transformers
 with one sampled positive label text per query, mini_batch_size = --label-chunk, the same max
 length, scale = 1 / tau, bf16 autocast on CUDA as ours. Warm-up steps are not timed.
@@ -93,8 +93,7 @@ def run_dexml(mode: str, args, ds, text: str, device: str, mem) -> dict:
     import torch
 
     from dexml.config import ModelParams
-    from dexml.train.loop import autocast_for, grad_cached_step
-    from dexml.train.losses import get_loss
+    from dexml.train.loop import autocast_for, train_step
     from dexml.train.model import DualEncoder
     from dexml.train.negatives import build_pool
     from dexml.train.tokens import tokenize
@@ -116,7 +115,6 @@ def run_dexml(mode: str, args, ds, text: str, device: str, mem) -> dict:
         shortlist_s = c.wall_s
         shortlists = np.split(sl, np.cumsum([len(b) for b in steps])[:-1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    loss_fn = get_loss("decoupled_softmax")
     autocast = lambda: autocast_for(torch.device(device), "auto")  # noqa: E731
     pool_sizes = []
 
@@ -125,7 +123,8 @@ def run_dexml(mode: str, args, ds, text: str, device: str, mem) -> dict:
         pool = build_pool(mode, y[rows], rng, 1, shortlists[i] if shortlists else None, args.num_hard)
         pool_sizes.append(len(pool.labels))
         q_ids, q_mask = q_tok.batch(rows, device)
-        grad_cached_step(model, q_ids, q_mask, l_tok, pool, loss_fn, args.label_chunk, torch.device(device), autocast)
+        train_step(model, q_ids, q_mask, l_tok, pool, "decoupled_softmax", args.label_chunk, torch.device(device),
+                   autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -108,13 +108,41 @@ class LossParams:
         return {key: getattr(self, key) for key in LOSS_TYPES[self.name].options}
 
 
+@dataclass(frozen=True)
+class NegativeMode:
+    help: str
+    knobs: tuple[str, ...] = ()  # the negatives.* settings the mode reads (besides label_chunk)
+
+
+# negatives.mode: which labels a training step scores its queries against and which of them it
+# re-encodes with gradients. The objects live in dexml/train/negatives.py (torch); this table is
+# what the config accepts, its errors and the docs (docs/negatives.md) say.
+NEGATIVE_MODES = {
+    "all": NegativeMode("every label in every step, all of them re-encoded with gradients "
+                        "(gradient caching in label_chunk chunks): the paper's setting, exact"),
+    "in-batch": NegativeMode("the batch's positive labels only; one encode with gradients when the pool "
+                             "fits in label_chunk"),
+    "hard": NegativeMode("the batch's positives + num_hard per query sampled from its top-`shortlist` "
+                         "labels, the shortlist rebuilt every `refresh_every` epochs",
+                         ("num_hard", "shortlist", "refresh_every")),
+    "cached": NegativeMode("every label scored against a no-grad table of all label embeddings, refreshed "
+                           "at each epoch start and every `refresh_steps` steps; the batch's positives + "
+                           "per query the top `num_hard` negatives under the cached scores (+ `num_random` "
+                           "uniform ones) re-encoded with gradients", ("num_hard", "num_random", "refresh_steps")),
+}
+
+
 @dataclass
 class NegativesParams:
-    mode: Literal["all", "in-batch", "hard"] = "all"
-    label_chunk: int = 128  # labels encoded per chunk in `all` mode (gradient caching)
-    num_hard: int = 8
-    shortlist: int = 50
-    refresh_every: int = 1  # epochs
+    mode: str = "all"  # a name in NEGATIVE_MODES
+    label_chunk: int = 128  # labels encoded with gradients per chunk (gradient caching beyond one chunk)
+    num_hard: int = 8  # hard / cached: negatives per query
+    shortlist: int = 50  # hard: top labels per query the negatives are sampled from
+    refresh_every: int = 1  # hard: epochs between shortlist rebuilds
+    # cached: steps between label-table refreshes (also at every epoch start). Measured in
+    # docs/negatives.md: after 50 steps the stale table still finds ~90% of the fresh top negatives.
+    refresh_steps: int = 50
+    num_random: int = 0  # cached: uniformly random extra negatives per query, re-encoded with gradients
 
 
 @dataclass
@@ -125,7 +153,8 @@ class TrainParams:
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of steps
     grad_clip: Optional[float] = 1.0
-    sample_positives: Literal[0, 1] = 1
+    # PSL: positives per query per step in the loss (uniform, seeded); 0 = every positive
+    sample_positives: int = 1
     val_fraction: float = 0.1
     val_max_points: int = 2000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -325,10 +354,16 @@ def _check(p: Params) -> None:
     need(n.num_hard > 0, "negatives.num_hard", "a positive integer", n.num_hard)
     need(n.shortlist >= n.num_hard, "negatives.shortlist", f">= negatives.num_hard ({n.num_hard})", n.shortlist)
     need(n.refresh_every > 0, "negatives.refresh_every", "a positive integer", n.refresh_every)
+    need(n.mode in NEGATIVE_MODES, "negatives.mode", "one of " + ", ".join(
+        f"{name} ({mode.help})" for name, mode in NEGATIVE_MODES.items()), n.mode)
+    need(n.refresh_steps > 0, "negatives.refresh_steps", "a positive integer", n.refresh_steps)
+    need(n.num_random >= 0, "negatives.num_random", "an integer >= 0", n.num_random)
     t = p.train
     need(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     need(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
     need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(t.sample_positives >= 0, "train.sample_positives",
+         "an integer >= 0 (0 = every positive, b = up to b sampled positives per query per step)", t.sample_positives)
     need(0 <= t.warmup < 1, "train.warmup", "a fraction in [0, 1)", t.warmup)
     need(0 < t.val_fraction < 1, "train.val_fraction", "a fraction in (0, 1)", t.val_fraction)
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
