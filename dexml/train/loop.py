@@ -112,6 +112,7 @@ def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, poo
     q = distributed.gather_rows(q.float(), group)
     fresh = pool.fresh_positions(q.detach())
     ids = pool.labels[fresh]
+    pool.encoded = len(ids)
     states = None
     if len(ids) == 0:
         emb = torch.zeros(0, dim, device=device)

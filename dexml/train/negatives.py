@@ -36,6 +36,7 @@ class LabelPool:
     # `cached`: the step's (detached, all-rank) query embeddings -> more positions to encode
     # fresh (each query's hardest negatives under the cached scores)
     pick: Callable[[torch.Tensor], np.ndarray] | None = None
+    encoded: int = 0  # set by the training step: labels it encoded with gradients
 
     def fresh_positions(self, queries: torch.Tensor) -> np.ndarray:
         if self.fresh is None:
