@@ -41,13 +41,13 @@ from dexml.config import Params
 from dexml.data.dataset import read_dataset, split_validation
 from dexml.errors import ConfigError
 from dexml.train import distributed, negatives
-from dexml.train.losses import LOSSES
+from dexml.train.losses import pool_loss
 from dexml.train.model import DualEncoder
 from dexml.train.negatives import LabelPool
 from dexml.train.retrieval import embed_tokens, top_k
 from dexml.train.tokens import TokenizedTexts, cached_tokenize
 
-__all__ = ["embed_tokens", "pool_loss", "train", "train_step", "validate"]
+__all__ = ["embed_tokens", "train", "train_step", "validate"]
 
 
 # ---------------------------------------------------------------- devices and RNG
@@ -78,22 +78,6 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-# ---------------------------------------------------------------- the loss over a pool
-def pool_loss(name, q, labels, positives, masked=None, *, scale, bias=None, chunk=4096, group=None, **opts):
-    """STAND-IN (deleted when the chunked dexml.train.losses.pool_loss lands): the same signature,
-    computed densely. = LOSSES[name](scale * q @ labels.T + bias, positives, masked, group)."""
-    import inspect
-
-    s = scale * (q @ labels.to(q.dtype).T)
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    targets = torch.from_numpy(positives.toarray()).to(q.device)
-    mask = None if masked is None else torch.from_numpy(masked.toarray()).to(q.device)
-    fn = LOSSES[name]
-    accepted = inspect.signature(fn).parameters
-    return fn(s, targets, mask, group=group, **{k: v for k, v in opts.items() if k in accepted})
 
 
 # ---------------------------------------------------------------- one step
@@ -274,7 +258,7 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     if p.train.max_steps:
         total_steps = min(total_steps, p.train.max_steps)
     opt, sched = make_optimizer(model, p, total_steps)
-    loss_opts = {"k": p.loss.k, "alpha": p.loss.alpha} if p.loss.name == "soft_topk" else {}
+    loss_opts = p.loss.options()
     mode = negatives.make_mode(negatives.Setup(p.negatives, p.train.sample_positives, L, l_tok, q_tok, train_rows,
                                                y, device, autocast, ctx))
 
