@@ -47,20 +47,27 @@ def test_throughput_modes_use_their_label_pools(tiny_encoder, tiny_dataset_dir, 
                            "--steps", "2", "--warmup", "1", "--num-hard", "2", "--shortlist", "5",
                            "--out", str(tmp_path / "tp.json")])
     rows = {r["mode"]: r for r in doc["rows"]}
-    assert set(rows) == {"all", "in-batch", "hard", "sentence-transformers CachedMNRL"}
+    assert set(rows) == {"all", "in-batch", "hard", "cached", "sentence-transformers CachedMNRL"}
     assert rows["all"]["pool_labels"] == 40  # every label of the tiny dataset
     assert rows["in-batch"]["pool_labels"] < rows["hard"]["pool_labels"] <= 40  # hard adds negatives
     assert rows["sentence-transformers CachedMNRL"]["pool_labels"] == 8  # one positive per query
+    assert rows["cached"]["pool_labels"] == 40 and rows["cached"]["labels_grad"] < 40  # scores all, encodes few
+    assert rows["in-batch"]["labels_no_grad"] == 0  # one encode with autograd: the pool fits in a chunk
     assert all(r["examples_per_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
 
 
 def test_memory_rows_scale_the_tables_with_labels(tiny_encoder, tmp_path):
     doc = memory.main(["--encoder", str(tiny_encoder), "--device", "cpu", "--inline", "--labels", "300,3000",
-                       "--batch-size", "4", "--steps", "1", "--label-chunk", "512", "--out", str(tmp_path / "m.json")])
-    small, large = doc["rows"]
-    assert (small["labels"], large["labels"]) == (300, 3000)
+                       "--modes", "all,cached", "--batch-size", "4", "--steps", "1", "--label-chunk", "512",
+                       "--num-hard", "2", "--out", str(tmp_path / "m.json")])
+    rows = {(r["mode"], r["labels"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, n) for m in ("all", "cached") for n in (300, 3000)}
+    small, large = rows["all", 300], rows["all", 3000]
     assert large["emb_table_mb"] == pytest.approx(10 * small["emb_table_mb"], rel=0.05)
-    assert large["scores_mb"] == pytest.approx(4 * 3000 * 4 / 2**20, abs=1e-3)  # B x L float32
+    assert large["state_mb"] == pytest.approx(2 * large["emb_table_mb"] + 3000 * 8 / 2**20, abs=0.1)
+    assert small["labels_grad"] == 300 and large["labels_grad"] == 3000  # all: every label with gradients
+    # cached: the positives and 2 hard negatives per query of 4 queries, never the whole table
+    assert 0 < rows["cached", 3000]["labels_grad"] <= 4 * (1 + 2) and rows["cached", 3000]["refresh_s"] > 0
     assert all(r["step_s"] > 0 and r["peak_mb"] >= r["baseline_mb"] for r in doc["rows"])
 
 

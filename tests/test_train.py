@@ -273,6 +273,10 @@ def test_each_negative_mode_learns(tiny_params, tiny_dataset_dir, tmp_path, mode
     loss_rows = (work / paths.TRAIN_PLOTS / "loss.csv").read_text().splitlines()
     assert loss_rows[0] == "step,loss,lr" and len(loss_rows) == metrics["steps"] + 1
     assert not (work / paths.CHECKPOINT_DIR).exists()  # finished runs leave no checkpoint
+    if mode == "cached":  # refreshed at each epoch start (+ every refresh_steps); staleness measured
+        neg = metrics["negatives"]
+        assert neg["refreshes"] >= 3 and len(neg["staleness_at_refresh"]) == neg["refreshes"] - 1
+        assert all(0 <= x["top_overlap"] <= 1 and 0 < x["cosine"] <= 1 + 1e-6 for x in neg["staleness_at_refresh"])
 
 
 def test_bad_params_fail_at_start_naming_the_key(tiny_params, tiny_dataset_dir, tmp_path):

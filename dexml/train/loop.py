@@ -337,7 +337,7 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
         "examples_per_s": round(history["examples"] / max(history["time"], 1e-9), 2),
         "train_time_s": round(history["time"], 1), "refresh_time_s": round(history.get("refresh_s", 0.0), 1),
         "device": str(device), "processes": ctx.world,
-        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1), "negatives": mode.diagnostics(),
     }
     if ctx.is_main:
         # The selected (best validation) model becomes the stage's output.

@@ -164,6 +164,10 @@ class NegativeMode:
     def refresh(self, model, epoch: int, step_in_epoch: int) -> None:
         pass
 
+    def diagnostics(self) -> dict:
+        """What the mode measured about itself (train.json's "negatives")."""
+        return {}
+
     def pool(self, rows: np.ndarray, y_rows: sp.csr_matrix, rng: np.random.Generator) -> LabelPool:
         whole = build_pool(self.name, y_rows, rng, self.s.sample_positives, self._shortlist(rows),
                            self.s.negatives.num_hard)
@@ -228,6 +232,9 @@ class Cached(NegativeMode):
         self.table: torch.Tensor | None = None
         self.model = None
         self.refreshes = 0
+        self.steps_since = 0  # steps since the last refresh
+        self.last_queries: torch.Tensor | None = None  # the last step's queries (staleness diagnostic)
+        self.staleness: list[dict] = []
 
     def refresh(self, model, epoch: int, step_in_epoch: int) -> None:
         self.model = model
@@ -240,8 +247,28 @@ class Cached(NegativeMode):
                            batch_size=max(256, s.negatives.label_chunk), autocast=s.autocast)
         model.train(was_training)
         dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
-        self.table = emb.to(dtype) if len(emb) else torch.zeros(0, model.meta.dim, dtype=dtype, device=s.device)
+        new = emb.to(dtype) if len(emb) else torch.zeros(0, model.meta.dim, dtype=dtype, device=s.device)
+        if self.table is not None and self.last_queries is not None and len(new):
+            self.staleness.append(self._staleness(self.table, new))
+        self.table, self.steps_since = new, 0
         self.refreshes += 1
+
+    def _staleness(self, old: torch.Tensor, new: torch.Tensor) -> dict:
+        """How stale the table had become: mean cosine of old to new label rows, and the share of
+        the last batch's top num_hard labels (positives not excluded) the old table still found."""
+        m = self.s.negatives.num_hard
+        cosine = torch.nn.functional.cosine_similarity(old.float(), new.float(), dim=1).mean()
+        _, a = top_k(self.last_queries, old, m, label_chunk=4096)
+        _, b = top_k(self.last_queries, new, m, label_chunk=4096)
+        overlap = np.mean([len(np.intersect1d(x, y)) / max(1, len(y)) for x, y in zip(a.cpu().numpy(), b.cpu().numpy())])
+        return {"after_steps": self.steps_since, "cosine": round(float(cosine), 5), "top_overlap": round(float(overlap), 4)}
+
+    def diagnostics(self) -> dict:
+        if not self.staleness:
+            return {"refreshes": self.refreshes}
+        return {"refreshes": self.refreshes, "staleness_at_refresh": self.staleness,
+                "mean_top_overlap": round(float(np.mean([x["top_overlap"] for x in self.staleness])), 4),
+                "mean_cosine": round(float(np.mean([x["cosine"] for x in self.staleness])), 5)}
 
     def pool(self, rows: np.ndarray, y_rows: sp.csr_matrix, rng: np.random.Generator) -> LabelPool:
         s = self.s
@@ -259,6 +286,7 @@ class Cached(NegativeMode):
         masked = _entries(sub, sub.indices, ~keep_mine, width)
         extra = extra[(extra >= self.lo) & (extra < self.hi)] - self.lo
         fresh = np.union1d(positives.indices, extra).astype(np.int64)
+        self.steps_since += 1
         return LabelPool(np.arange(self.lo, self.hi, dtype=np.int64), positives, masked, fresh, self.table,
                          lambda q: self._hardest(q, sub))
 
@@ -267,10 +295,12 @@ class Cached(NegativeMode):
         ranks) under the cached table and the current bias."""
         m = self.s.negatives.num_hard
         model, group = self.model, self.s.ctx.group
+        self.last_queries = queries.detach()
         bias = None
         if model.label_bias is not None:
             bias = model.label_bias(torch.arange(self.lo, self.hi, device=self.table.device)).detach()
-        values, ids = top_k(queries.detach(), self.table, m, scale=1.0 / model.meta.tau, bias=bias, exclude=positives)
+        values, ids = top_k(queries.detach(), self.table, m, scale=1.0 / model.meta.tau, bias=bias, exclude=positives,
+                            label_chunk=4096)  # B x 4096 scores at a time
         ids = torch.where(ids >= 0, ids + self.lo, ids)
         if group is not None:  # the global top m: merge every rank's candidates
             pad = m - values.shape[1]
