@@ -6,8 +6,9 @@ random label set per query), then runs training steps exactly as the training lo
 mode object's refresh and pool -> dexml.train.loop.train_step -> AdamW) with a fixed batch. The
 mode's refresh (the cached label table, the hard shortlist) is timed apart and amortised over
 --refresh-steps. Memory: `step_mb` = peak - baseline (after a warm-up step on a small pool);
-`state_mb` = what scales with L by design: the L x d embedding table and its gradient (`all`,
-`cached`: float32 here) plus the table's int64 label ids; `beyond_mb` = step_mb - state_mb, what
+`state_mb` = what scales with L by design: `all`: the L x d label embeddings and their
+gradient; `cached`: the L x d table (no gradient of that size: pool_loss returns the fresh rows'
+only); both float32 here, plus the L int64 label ids; `beyond_mb` = step_mb - state_mb, what
 the loss, pools and activations cost (meant to stay flat in L). Run with
 MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks return to the OS and RSS peaks are honest.
 
@@ -146,7 +147,7 @@ def run_one(num_labels: int, mode: str, args, enc: str) -> dict:
         peak, how = common.peak_rss_mb(), "peak RSS of the process"
     d = model.meta.dim
     table = num_labels * d * 4 / 2**20
-    state = (2 * table + num_labels * 8 / 2**20) if mode in ("all", "cached") else 0.0
+    state = {"all": 2 * table, "cached": table}.get(mode, 0.0) + (num_labels * 8 / 2**20 if mode in ("all", "cached") else 0)
     per_refresh = {"cached": args.refresh_steps, "hard": max(1, round(n_queries / B))}.get(mode)
     step_s = times[-1]
     return {"mode": mode, "labels": num_labels, "step_s": round(step_s, 3), "first_step_s": round(times[0], 3),
@@ -177,7 +178,7 @@ def main(argv=None) -> dict:
                  "loss": "decoupled_softmax (chunked pool_loss), one sampled positive", "modes": modes,
                  "MALLOC_MMAP_THRESHOLD_": __import__("os").environ.get("MALLOC_MMAP_THRESHOLD_"),
                  "amp": "bf16 autocast" if device.startswith("cuda") else "off (fp32)",
-                 "state_mb": "all, cached: L x d x 4 bytes (table) + its gradient + L int64 ids",
+                 "state_mb": "all: 2 L x d x 4 bytes (embeddings + gradient); cached: L x d x 4 (table); + L int64 ids",
                  "beyond_mb": "step_mb - state_mb",
                  "scores_mb": "B x L x 4 bytes: never formed (the loss walks label chunks)"}
     out = Path(args.out) if args.out else common.default_out("memory", device)

@@ -65,6 +65,7 @@ def test_memory_rows_scale_the_tables_with_labels(tiny_encoder, tmp_path):
     small, large = rows["all", 300], rows["all", 3000]
     assert large["emb_table_mb"] == pytest.approx(10 * small["emb_table_mb"], rel=0.05)
     assert large["state_mb"] == pytest.approx(2 * large["emb_table_mb"] + 3000 * 8 / 2**20, abs=0.1)
+    assert rows["cached", 3000]["state_mb"] == pytest.approx(large["emb_table_mb"] + 3000 * 8 / 2**20, abs=0.1)
     assert small["labels_grad"] == 300 and large["labels_grad"] == 3000  # all: every label with gradients
     # cached: the positives and 2 hard negatives per query of 4 queries, never the whole table
     assert 0 < rows["cached", 3000]["labels_grad"] <= 4 * (1 + 2) and rows["cached", 3000]["refresh_s"] > 0

@@ -113,30 +113,21 @@ def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, poo
         after = RngState(device)
         emb = torch.cat(embs).requires_grad_()
     table = pool.table
-    if table is None:
-        labels = emb
-    else:  # the fresh rows stand in for their cached ones during this step only
-        fresh_t = torch.from_numpy(fresh).to(table.device)
-        saved = table[fresh_t].clone()
-        table[fresh_t] = emb.detach().to(table.dtype)
-        labels = table.detach().requires_grad_()
     bias = None if model.label_bias is None else model.label_bias(torch.from_numpy(pool.labels).to(device))
+    if table is None:  # the fresh labels are the whole pool
+        labels, replace = emb, None
+    else:  # the fresh embeddings stand in for their cached rows in this step's scores (table untouched)
+        labels = table
+        replace = (torch.from_numpy(fresh).to(table.device), emb) if len(fresh) else None
     loss = pool_loss(loss_name, q, labels, pool.positives, pool.masked, scale=1.0 / model.meta.tau, bias=bias,
-                     group=group, **loss_opts)
+                     group=group, fresh=replace, **loss_opts)
     loss.backward()
-    grad = None
-    if table is not None:
-        grad = labels.grad[fresh_t]
-        table[fresh_t] = saved
-        if states is None and emb.requires_grad:
-            emb.backward(grad.to(emb.dtype))
-    if states is not None:
-        grad = emb.grad if grad is None else grad
+    if states is not None:  # back-propagate the embeddings' gradient chunk by chunk
         for i, start in enumerate(range(0, len(ids), chunk)):
             states[i].restore()
             with autocast():
                 part = model.encode_labels(*label_tok.batch(ids[start:start + chunk], device))
-            part.backward(grad[start:start + chunk].to(part.dtype))
+            part.backward(emb.grad[start:start + chunk].to(part.dtype))
         after.restore()
     return float(loss.detach())
 
