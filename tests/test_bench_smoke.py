@@ -69,7 +69,7 @@ def test_memory_rows_scale_the_tables_with_labels(tiny_encoder, tmp_path):
     assert small["labels_grad"] == 300 and large["labels_grad"] == 3000  # all: every label with gradients
     # cached: the positives and 2 hard negatives per query of 4 queries, never the whole table
     assert 0 < rows["cached", 3000]["labels_grad"] <= 4 * (1 + 2) and rows["cached", 3000]["refresh_s"] > 0
-    assert all(r["step_s"] > 0 and r["peak_mb"] >= r["baseline_mb"] for r in doc["rows"])
+    assert all("error" not in r and r["step_s"] >= 0 and r["peak_mb"] >= r["baseline_mb"] for r in doc["rows"])
 
 
 def test_serving_exports_times_and_measures_int8(tiny_encoder, tiny_dataset_dir, tmp_path):
