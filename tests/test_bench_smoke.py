@@ -110,7 +110,7 @@ def test_report_renders_tables_and_marks_missing_gpu_rows(tmp_path):
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and all(f"prose {n}" in text for n in names)
-    assert "| 10000 | 1.50 | - | 400 | 900 |" in text and "Test CPU (2 cores" in text
+    assert "| - | 10000 | 1.50 | - | - | - | 400 | 900 |" in text  # mode, labels, step_s, ..., baseline, peak and "Test CPU (2 cores" in text
     assert text.count("GPU rows: pending") == 5  # losses (2 datasets), throughput, memory, serving; index and trials: CPU only
 
 
