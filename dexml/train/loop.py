@@ -94,8 +94,8 @@ def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, poo
         # A rank's share of a last batch smaller than the world can be empty.
         q = model.encode_queries(q_ids, q_mask) if len(q_ids) else torch.zeros(0, dim, device=device)
     q = distributed.gather_rows(q.float(), group)
-    fresh = pool.fresh_positions(q.detach())
-    ids = pool.labels[fresh]
+    fresh = None if pool.fresh is None else pool.fresh_positions(q.detach())  # None: every label
+    ids = pool.labels if fresh is None else pool.labels[fresh]
     pool.encoded = len(ids)
     states = None
     if len(ids) == 0:
@@ -104,14 +104,14 @@ def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, poo
         with autocast():
             emb = model.encode_labels(*label_tok.batch(ids, device)).float()
     else:  # gradient caching: no-grad chunks now, re-encoded with autograd after the loss
-        states, embs = [], []
+        states, emb = [], torch.empty(len(ids), dim, device=device)  # filled in place: one copy of (P, d)
         with torch.no_grad():
             for start in range(0, len(ids), chunk):
                 states.append(RngState(device))
                 with autocast():
-                    embs.append(model.encode_labels(*label_tok.batch(ids[start:start + chunk], device)).float())
+                    emb[start:start + chunk] = model.encode_labels(*label_tok.batch(ids[start:start + chunk], device))
         after = RngState(device)
-        emb = torch.cat(embs).requires_grad_()
+        emb.requires_grad_()
     table = pool.table
     bias = None if model.label_bias is None else model.label_bias(torch.from_numpy(pool.labels).to(device))
     if table is None:  # the fresh labels are the whole pool
