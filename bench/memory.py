@@ -130,6 +130,7 @@ def run_one(num_labels: int, mode: str, args, enc: str) -> dict:
         baseline = torch.cuda.memory_allocated() / 2**20
     else:
         baseline = common.rss_mb()
+        common.reset_peak_rss()  # the peak of loading and warm-up must not count
     neg = make(mode)
     with common.Clock() as c:
         neg.refresh(model, 0, 0)  # cached: the table; hard: the shortlist; others: nothing

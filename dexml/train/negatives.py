@@ -236,32 +236,39 @@ class Cached(NegativeMode):
         self.last_queries: torch.Tensor | None = None  # the last step's queries (staleness diagnostic)
         self.staleness: list[dict] = []
 
+    @torch.no_grad()
     def refresh(self, model, epoch: int, step_in_epoch: int) -> None:
         self.model = model
         if self.table is not None and step_in_epoch % self.s.negatives.refresh_steps:
             return
-        s = self.s
+        s, m = self.s, self.s.negatives.num_hard
+        dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
+        measure = self.table is not None and self.last_queries is not None and len(self.table) > 0
+        if self.table is None:
+            self.table = torch.empty(self.hi - self.lo, model.meta.dim, dtype=dtype, device=s.device)
+        if measure:  # staleness: what the old table found for the last batch, before it is overwritten
+            _, before = top_k(self.last_queries, self.table, m, label_chunk=4096)
+            cosine = 0.0
         was_training = model.training
         model.eval()  # no dropout noise in the table
-        emb = embed_tokens(model.encode_labels, s.label_tok, np.arange(self.lo, self.hi), s.device,
-                           batch_size=max(256, s.negatives.label_chunk), autocast=s.autocast)
+        batch = max(256, s.negatives.label_chunk)
+        for start in range(self.lo, self.hi, batch):  # in place, a batch at a time: no second table
+            ids, mask = s.label_tok.batch(np.arange(start, min(start + batch, self.hi)), s.device)
+            with s.autocast():
+                emb = model.encode_labels(ids, mask).to(dtype)
+            rows = slice(start - self.lo, start - self.lo + len(emb))
+            if measure:
+                cosine += float(torch.nn.functional.cosine_similarity(self.table[rows].float(), emb.float(), dim=1).sum())
+            self.table[rows] = emb
         model.train(was_training)
-        dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
-        new = emb.to(dtype) if len(emb) else torch.zeros(0, model.meta.dim, dtype=dtype, device=s.device)
-        if self.table is not None and self.last_queries is not None and len(new):
-            self.staleness.append(self._staleness(self.table, new))
-        self.table, self.steps_since = new, 0
+        if measure:
+            _, after = top_k(self.last_queries, self.table, m, label_chunk=4096)
+            overlap = np.mean([len(np.intersect1d(x, y)) / max(1, len(y))
+                               for x, y in zip(before.cpu().numpy(), after.cpu().numpy())])
+            self.staleness.append({"after_steps": self.steps_since, "cosine": round(cosine / len(self.table), 5),
+                                   "top_overlap": round(float(overlap), 4)})
+        self.steps_since = 0
         self.refreshes += 1
-
-    def _staleness(self, old: torch.Tensor, new: torch.Tensor) -> dict:
-        """How stale the table had become: mean cosine of old to new label rows, and the share of
-        the last batch's top num_hard labels (positives not excluded) the old table still found."""
-        m = self.s.negatives.num_hard
-        cosine = torch.nn.functional.cosine_similarity(old.float(), new.float(), dim=1).mean()
-        _, a = top_k(self.last_queries, old, m, label_chunk=4096)
-        _, b = top_k(self.last_queries, new, m, label_chunk=4096)
-        overlap = np.mean([len(np.intersect1d(x, y)) / max(1, len(y)) for x, y in zip(a.cpu().numpy(), b.cpu().numpy())])
-        return {"after_steps": self.steps_since, "cosine": round(float(cosine), 5), "top_overlap": round(float(overlap), 4)}
 
     def diagnostics(self) -> dict:
         if not self.staleness:

@@ -16,12 +16,15 @@ LABEL_CHUNK = 65536  # 1024 x 65536 float32 scores = 256 MB per block
 @torch.no_grad()
 def embed_tokens(encode, tok, rows, device, batch_size: int = 256, autocast=contextlib.nullcontext) -> torch.Tensor:
     """float32 embeddings of `tok`'s `rows` (on `device`), `batch_size` texts per encoder call."""
-    out = []
+    out = None  # filled in place (no list of batches plus a concatenated copy)
     for start in range(0, len(rows), batch_size):
         ids, mask = tok.batch(rows[start:start + batch_size], device)
         with autocast():
-            out.append(encode(ids, mask).float())
-    return torch.cat(out) if out else torch.zeros(0, 0, device=device)
+            emb = encode(ids, mask).float()
+        if out is None:
+            out = torch.empty(len(rows), emb.shape[1], device=emb.device)
+        out[start:start + len(emb)] = emb
+    return out if out is not None else torch.zeros(0, 0, device=device)
 
 
 @torch.no_grad()
