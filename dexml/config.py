@@ -73,6 +73,14 @@ class ModelParams:
     # at the index stage; labels without a training positive keep 0 (dexml/serve/priors.py).
     label_bias: bool = False
     label_bias_lr_scale: float = 100.0  # the bias learns this many times faster than train.lr
+    # UniDEC's classifier head (dexml/train/classifier.py): a query projection and one free vector
+    # per label (an L x dim table, row-wise Adagrad), trained with the same loss over the same pool;
+    # folded into the label index with the dual encoder's vectors (dexml/serve/classifier.py).
+    classifier: bool = False
+    # table rows at the start: the untrained encoder's label embeddings, or 0
+    classifier_init: Literal["embedding", "zeros"] = "embedding"
+    classifier_weight: float = 1.0  # total loss = loss(dual encoder) + this * loss(classifier)
+    classifier_lr: float = 0.01  # row-wise Adagrad learning rate of the table (scaled by train's schedule)
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,8 @@ class IndexParams:
     refine_k_factor: float = 4.0  # factory strings with a refinement stage (",RFlat"): candidates re-ranked per result
     use_gpu: Literal["auto", "off"] = "auto"  # faiss and ONNX Runtime on the GPU (index, evaluate) | CPU
     batch_size: int = 256  # labels per ONNX encoder call
+    # With a classifier head: the index ranks by dual-encoder score + this * classifier score
+    classifier_gamma: float = 1.0
 
 
 @dataclass
@@ -377,6 +387,8 @@ def _check(p: Params) -> None:
     for key in ("auto_flat_max", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
         need(getattr(p.index, key) > 0, f"index.{key}", "a positive integer", getattr(p.index, key))
     need(m.label_bias_lr_scale > 0, "model.label_bias_lr_scale", "a positive number", m.label_bias_lr_scale)
+    need(m.classifier_weight >= 0, "model.classifier_weight", "a number >= 0", m.classifier_weight)
+    need(m.classifier_lr > 0, "model.classifier_lr", "a positive number", m.classifier_lr)
     r = p.rae
     need(r.k > 0, "rae.k", "a positive integer", r.k)
     need(all(0 <= v <= 1 for v in r.lambdas), "rae.lambdas", "weights in [0, 1]", r.lambdas)
@@ -386,6 +398,7 @@ def _check(p: Params) -> None:
     need(r.metric in EVAL_KEYS, "rae.metric", f"one of {list(EVAL_KEYS)}", r.metric)
     need(p.index.type in INDEX_TYPES or _faiss_can_parse(p.index.type), "index.type",
          f"one of {list(INDEX_TYPES)} or a faiss index factory string such as \"HNSW32,Flat\"", p.index.type)
+    need(p.index.classifier_gamma >= 0, "index.classifier_gamma", "a number >= 0", p.index.classifier_gamma)
     need(p.index.refine_k_factor >= 1, "index.refine_k_factor", "a number >= 1", p.index.refine_k_factor)
     for key in ("ivf_nlist", "pq_m"):
         need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))

@@ -21,6 +21,7 @@ from dexml import fileio, paths
 from dexml.config import DataParams, ExportParams, Params
 from dexml.data.dataset import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
 from dexml.errors import ConfigError, DexmlError, require_optional
+from dexml.serve import classifier as serve_classifier
 from dexml.serve import priors
 from dexml.serve.encoder import ENCODER_META, INPUT_NAMES, OUTPUT_NAME, OnnxEncoder
 
@@ -72,12 +73,33 @@ def _quantize(src: Path, dst: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
+def _combined_parity(model, onnx_encoder: OnnxEncoder, encoder_dir: Path, texts: dict) -> dict:
+    """The ranking score as the bundle computes it (ONNX embeddings, the classifier folded into the
+    label vectors, dexml/serve/classifier.py) against PyTorch's DualEncoder.serving_scores, on the
+    parity queries x the parity labels (the dataset's first labels: ids 0..n-1), in inner-product
+    units (tau x score, comparable with the embeddings' differences)."""
+    import torch
+
+    labels = texts["label"][:len(texts["label"]) - len(EDGE_TEXTS)]
+    ids = torch.arange(len(labels))
+    tau = model.meta.tau
+    with torch.no_grad():
+        ref = model.serving_scores(model.embed(texts["query"], "query"), model.embed(labels, "label"), ids) * tau
+    weight, bias, table = serve_classifier.read_classifier(encoder_dir / serve_classifier.CLASSIFIER_FILE)
+    vectors, offsets = serve_classifier.fold(onnx_encoder.embed(labels, "label"), weight, bias, table[:len(labels)], 1.0)
+    if model.label_bias is not None:
+        offsets = offsets + tau * model.label_bias.values().numpy()[:len(labels)]
+    got = onnx_encoder.embed(texts["query"], "query") @ vectors.T + offsets
+    return {"max_abs_diff": float(np.abs(got - ref.numpy()).max()) if len(labels) else 0.0,
+            "texts": len(texts["query"]), "labels": len(labels)}
+
+
 def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportParams,
                    texts: dict[str, list[str]]) -> dict:
     """Export, check parity on `texts` ({"query": [...], "label": [...]}), return the report."""
     import torch
 
-    from dexml.train.model import DualEncoder
+    from dexml.train.model import DualEncoder, write_classifier_file
 
     start = time.perf_counter()
     model = DualEncoder.load(model_dir).eval()
@@ -101,6 +123,8 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         "files": files, "int8_files": {},
         # per-label score offsets, folded into the label vectors by the index stage
         "label_bias": priors.BIAS_FILE if model.label_bias is not None else None,
+        # the classifier head (UniDEC), folded into the label vectors by the index stage
+        "classifier": serve_classifier.CLASSIFIER_FILE if model.classifier is not None else None,
     }
     with fileio.atomic_dir(out_dir) as tmp:
         for name, tower in towers.items():
@@ -109,6 +133,8 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         if model.label_bias is not None:
             priors.write_label_bias(tmp / priors.BIAS_FILE, model.label_bias.values().numpy(),
                                     model.label_bias.trained.numpy() > 0)
+        if model.classifier is not None:
+            write_classifier_file(tmp / serve_classifier.CLASSIFIER_FILE, model.classifier)
         fileio.write_json(tmp / ENCODER_META, encoder_meta)
 
         onnx_encoder = OnnxEncoder(tmp, allow_gpu=False)  # CPU: parity of the graph, not of the GPU
@@ -117,10 +143,14 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
             ref = model.embed(texts[side], side).numpy()
             got = onnx_encoder.embed(texts[side], side)
             parity[side] = {"max_abs_diff": float(np.abs(got - ref).max()), "texts": len(texts[side])}
+        if model.classifier is not None:
+            parity["combined"] = _combined_parity(model, onnx_encoder, tmp, texts)
         worst = max(parity, key=lambda s: parity[s]["max_abs_diff"])
         if parity[worst]["max_abs_diff"] > params.parity_tol:
             raise ExportError(
-                f"ONNX {files[worst]} differs from PyTorch on {worst} texts: max |diff| "
+                f"ONNX {files.get(worst, files['query'])} differs from PyTorch on "
+                f"{worst + ' texts' if worst in files else 'the ranking scores (dual encoder + classifier)'}: "
+                f"max |diff| "
                 f"{parity[worst]['max_abs_diff']:.3g} > export.parity_tol {params.parity_tol:g}; "
                 f"the previous export (if any) is kept")
 

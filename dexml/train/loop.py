@@ -121,6 +121,11 @@ def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, poo
         replace = (torch.from_numpy(fresh).to(table.device), emb) if len(fresh) else None
     loss = pool_loss(loss_name, q, labels, pool.positives, pool.masked, scale=1.0 / model.meta.tau, bias=bias,
                      group=group, fresh=replace, **loss_opts)
+    if model.classifier is not None:  # same loss, same pool; the table rows' gradient waits for classifier.step
+        head = model.classifier
+        loss = loss + head.loss_weight * pool_loss(loss_name, head.query(q), head.pool_rows(pool.labels),
+                                                   pool.positives, pool.masked, scale=1.0 / model.meta.tau,
+                                                   group=group, **loss_opts)
     loss.backward()
     if states is not None:  # back-propagate the embeddings' gradient chunk by chunk
         for i, start in enumerate(range(0, len(ids), chunk)):
@@ -145,6 +150,7 @@ def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix,
     queries = embed_tokens(model.encode_queries, q_tok, q_rows, device, autocast=autocast)
     model.train(was_training)
     bias = None if model.label_bias is None else model.label_bias().detach()
+    labels, bias = model.ranking_vectors(labels, bias)  # the classifier head folded in, as served
     vals, inds = top_k(queries, labels, k, scale=1.0 / model.meta.tau, bias=bias)
     vals, inds = vals.cpu().numpy(), inds.cpu().numpy()
     m = xmc_metrics(scores_to_csr(vals, inds, y_val.shape[1]), y_val, None, ks=(1, 5), recall_ks=(5,))
@@ -242,6 +248,11 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     cache = root / paths.TOKEN_CACHE_DIR
     q_tok = cached_tokenize(ds.trn.texts(p.data.query_text), model.tokenizer, p.model.query_max_len, cache)
     l_tok = cached_tokenize(ds.lbl.texts(p.data.label_text), model.tokenizer, p.model.label_max_len, cache)
+    if model.classifier is not None and p.model.classifier_init == "embedding":
+        model.eval()
+        model.classifier.init_table(embed_tokens(model.encode_labels, l_tok, np.arange(len(l_tok)), device,
+                                                 autocast=autocast))
+        model.train()
 
     bs = p.train.batch_size  # the global batch, shared out over the ranks
     steps_per_epoch = math.ceil(len(train_rows) / bs)
@@ -295,6 +306,8 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
             if p.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.train.grad_clip)
             opt.step()
+            if model.classifier is not None:  # row-wise Adagrad on the pool's rows, on train's schedule
+                model.classifier.step(sched.get_last_lr()[0] / p.train.lr, ctx.group, 1.0 / ctx.world)
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
