@@ -251,3 +251,94 @@ def test_checkpoint_holds_the_table_and_its_optimizer_state_and_resume_matches(t
     for name in ("classifier.table", "classifier.projection.weight",
                  "query_tower.transformer.embeddings.word_embeddings.weight"):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- label-sharded multi-process (gloo)
+WORLD = 2
+DIST_ROWS = [0, 3, 5, 8, 13, 21, 34]
+
+
+def _classifier_steps(ctx, encoder_dir: str, dataset_dir: str) -> dict:
+    """Two training steps of a model with a classifier head and label bias (this process's part of
+    each, in `ctx`): the losses, the averaged parameter gradients of the first step, the table and
+    its Adagrad state after both. Dropout off (eval), as in tests/test_distributed.py."""
+    from dexml.train.losses import get_loss
+    from dexml.train.negatives import build_pool
+    from dexml.train.tokens import tokenize
+
+    ds = read_dataset(dataset_dir)
+    torch.manual_seed(0)
+    p = ModelParams(encoder=encoder_dir, tau=0.1, classifier=True, label_bias=True)
+    model = DualEncoder.from_params(p, train_labels=ds.trn.labels).to(ctx.device).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        model.classifier.table.copy_(torch.randn(model.classifier.table.shape, generator=g))
+    q_tok, l_tok = tokenize(ds.trn.texts(), model.tokenizer, 16), tokenize(ds.lbl.texts(), model.tokenizer, 12)
+    y = ds.trn.labels.tocsr()
+    out = {}
+    for step, mode in enumerate(("all", "in-batch")):
+        model.zero_grad(set_to_none=True)
+        rows = np.array(DIST_ROWS)
+        pool = build_pool(mode, y[rows], np.random.default_rng(step), 1)
+        q_ids, q_mask = q_tok.batch(ctx.share(rows), ctx.device)
+        loss = loop.grad_cached_step(model, q_ids, q_mask, l_tok, ctx.shard(pool), get_loss("softmax"), 5,
+                                     ctx.device, group=ctx.group)
+        ctx.average_gradients(model)
+        out[f"loss{step}"] = torch.tensor(loss, dtype=torch.float64)
+        if step == 0:
+            out["grad_projection"] = model.classifier.projection.weight.grad.clone()
+        changed = model.classifier.step(0.5, ctx.group, 1.0 / ctx.world)
+        out[f"changed{step}"] = torch.tensor(changed)
+    out["table"], out["sum_sq"] = model.classifier.table.clone(), model.classifier.sum_sq.clone()
+    return out
+
+
+def _dist_worker(rank: int, port: int, encoder_dir: str, dataset_dir: str, out_dir: str) -> None:
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from dexml.train import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with distributed.setup(torch.device("cpu")) as ctx:
+        out = _classifier_steps(ctx, encoder_dir, dataset_dir)
+        ctx.barrier()
+    save_file(out, str(Path(out_dir) / f"rank{rank}.safetensors"))
+
+
+def test_two_ranks_train_the_table_as_one_process(tiny_encoder, tiny_dataset_dir, tmp_path):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from dexml.train import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_dist_worker, args=(port, str(tiny_encoder), str(tiny_dataset_dir), str(tmp_path)),
+                               nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.time() + 300
+    try:
+        while not procs.join(timeout=1.0):
+            assert time.time() < deadline, "distributed workers still running after 300 s"
+    finally:
+        for proc in procs.processes:
+            if proc.is_alive():
+                proc.kill()
+    one = _classifier_steps(distributed.Context(torch.device("cpu")), str(tiny_encoder), str(tiny_dataset_dir))
+    assert int(one["changed0"]) == read_dataset(tiny_dataset_dir).num_labels  # `all`: every row moves
+    assert 0 < int(one["changed1"]) < int(one["changed0"])  # in-batch: the batch's positives only
+    for rank in (load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)):
+        for key in ("loss0", "loss1"):
+            assert float(rank[key]) == pytest.approx(float(one[key]), rel=1e-6)
+        assert int(rank["changed1"]) == int(one["changed1"])
+        torch.testing.assert_close(rank["grad_projection"], one["grad_projection"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rank["table"], one["table"], atol=1e-5, rtol=1e-5)  # same rows, same update
+        torch.testing.assert_close(rank["sum_sq"], one["sum_sq"], atol=1e-7, rtol=1e-4)
