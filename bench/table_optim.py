@@ -101,7 +101,7 @@ def worker(args) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     print(common.table(rows, COLUMNS, {"step_ms": ".1f", "table_mb": ".0f", "above_table_mb": ".0f",
                                        "state_mb": ".1f"}))
     print(f"wrote {results.path}")
-    return 0
+    return results.doc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -114,7 +114,7 @@ def tfidf_row(ds, params) -> dict:
     return {"config": "tfidf", **{k: m[k] for k in METRICS}, "train_s": round(time.perf_counter() - start, 1)}
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     import torch
 
     args = parse_args(argv)
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
         results.add(row)
     print(common.table(rows, COLUMNS, {"params_m": ".2f", "bundle_mb": ".1f", "train_s": ".0f"}))
     print(f"wrote {results.path}")
-    return 0
+    return results.doc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

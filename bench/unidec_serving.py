@@ -38,7 +38,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     import faiss
     import numpy as np
 
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
             print(row, file=sys.stderr, flush=True)
     print(common.table(rows, COLUMNS, {"qps": ".0f", "recall@10": ".4f", "index_mb": ".0f"}))
     print(f"wrote {results.path}")
-    return 0
+    return results.doc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

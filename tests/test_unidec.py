@@ -4,6 +4,8 @@ included), it trains end to end with label_bias, rae and int8, and checkpoints c
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,8 @@ from dexml.serve.predictor import Predictor
 from dexml.train import loop
 from dexml.train.classifier import ClassifierHead
 from dexml.train.model import DualEncoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 
 
 def _dyadic(rng, shape, denominator):
@@ -342,3 +346,31 @@ def test_two_ranks_train_the_table_as_one_process(tiny_encoder, tiny_dataset_dir
         torch.testing.assert_close(rank["grad_projection"], one["grad_projection"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(rank["table"], one["table"], atol=1e-5, rtol=1e-5)  # same rows, same update
         torch.testing.assert_close(rank["sum_sq"], one["sum_sq"], atol=1e-7, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the benchmarks, at toy size
+def test_bench_serving_fold_is_exact_and_rescoring_is_not(tmp_path):
+    from bench import unidec_serving
+
+    doc = unidec_serving.main(["--labels", "400", "--dim", "16", "--queries", "50", "--shortlist", "5",
+                               "--out", str(tmp_path / "s.json")])
+    rows = {(r["method"], r["index"]): r for r in doc["rows"]}
+    assert rows[("fold", "flat")]["recall@10"] == 1.0 and rows[("fold_2d", "flat")]["recall@10"] == 1.0
+    assert rows[("rescore top-5", "flat")]["recall@10"] <= 0.5  # a shortlist of 5 cannot hold a top-10
+    assert rows[("fold_2d", "flat")]["index_mb"] > rows[("fold", "flat")]["index_mb"]
+
+
+def test_bench_unidec_rows_through_the_pipeline(tiny_encoder, tiny_dataset_dir, tmp_path):
+    from bench import unidec as bench_unidec
+
+    doc = bench_unidec.main(["--data", str(tiny_dataset_dir), "--configs", "tfidf,cls,cls_rae",
+                             "--work", str(tmp_path / "w"), "--out", str(tmp_path / "u.json"),
+                             "-S", f"model.encoder={tiny_encoder}", "-S", "train.epochs=1", "-S", "model.tau=0.1",
+                             "-S", "train.lr=3e-3", "-S", "model.query_max_len=16", "-S", "export.parity_texts=4",
+                             "-S", "rae.lambdas=[0.0,0.5]", "-S", "rae.temperatures=[0.1]"])
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert "error" not in rows["cls"] and "error" not in rows["cls_rae"], rows
+    assert rows["cls"]["classifier_table_floats"] == 40 * 32
+    assert rows["cls_rae"]["lambda"] in (0.0, 0.5) and rows["cls_rae"]["without_rae"]["P@1"] == rows["cls"]["P@1"]
+    assert rows["cls_rae"]["bundle_mb"] > rows["cls"]["bundle_mb"]  # + the training-query memory
+    assert 0 <= rows["tfidf"]["P@1"] <= 100
