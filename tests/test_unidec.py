@@ -374,3 +374,18 @@ def test_bench_unidec_rows_through_the_pipeline(tiny_encoder, tiny_dataset_dir, 
     assert rows["cls_rae"]["lambda"] in (0.0, 0.5) and rows["cls_rae"]["without_rae"]["P@1"] == rows["cls"]["P@1"]
     assert rows["cls_rae"]["bundle_mb"] > rows["cls"]["bundle_mb"]  # + the training-query memory
     assert 0 <= rows["tfidf"]["P@1"] <= 100
+
+
+def test_ranking_vectors_fold_the_head_as_the_index_does(tiny_encoder):
+    y = sp.csr_matrix(np.eye(5, dtype=np.float32))
+    model = DualEncoder.from_params(ModelParams(encoder=str(tiny_encoder), tau=0.2, classifier=True, label_bias=True),
+                                    train_labels=y)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.classifier.table.copy_(torch.randn(model.classifier.table.shape, generator=g))
+        model.classifier.projection.bias.copy_(torch.randn(model.meta.dim, generator=g))
+        model.label_bias.raw.copy_(torch.randn(5, generator=g) * 0.01)
+        q, labels = model.embed(["a b", "c"]), model.embed(["l0", "l1", "l2", "l3", "l4"], "label")
+        vectors, bias = model.ranking_vectors(labels, model.label_bias())
+        torch.testing.assert_close(q @ vectors.T / 0.2 + bias, model.serving_scores(q, labels, torch.arange(5)),
+                                   atol=1e-4, rtol=1e-5)

@@ -219,6 +219,19 @@ class DualEncoder(nn.Module):
         rows = self.classifier.table[label_ids.to(self.classifier.table.device)]
         return s + gamma * self.classifier.scores(self.classifier.query(q), rows, self.meta.tau)
 
+    def ranking_vectors(self, labels: torch.Tensor, bias: torch.Tensor | None,
+                        gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier head folded into (all L) label embeddings and biases, as the index stage
+        folds it (dexml/serve/classifier.py): q.vectors / tau + bias = serving_scores. Without a
+        head: (labels, bias) unchanged."""
+        if self.classifier is None:
+            return labels, bias
+        head = self.classifier
+        table = head.table.to(labels.device, labels.dtype)
+        vectors = labels + gamma * table @ head.projection.weight.to(labels.dtype)
+        offsets = gamma * (table @ head.projection.bias.to(labels.dtype)) / self.meta.tau
+        return vectors, offsets if bias is None else bias.to(offsets.dtype) + offsets
+
     def tokenize(self, texts: list[str], max_len: int) -> dict:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
 
