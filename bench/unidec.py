@@ -10,6 +10,8 @@ Configurations (comma list, --configs):
     cls_rae   the `cls` model (not retrained: its trained root is copied) + rae.enabled, lambda
               chosen by the evaluate stage on the held-out training queries
     de_rae    the `de` model + rae.enabled (same)
+    cls_g0, cls_g2   the `cls` model (not retrained) ranked with index.classifier_gamma 0 (its dual
+              encoder head alone) or 2
     tfidf     TF-IDF 50-NN label voting (dexml.pipeline.baselines)
 Each row: the test metrics of eval.json, training time, parameters (encoder + bias + classifier
 projection and table), bundle size (encoder/ + index/ of the bundle), the lambda evaluate chose.
@@ -36,8 +38,10 @@ CONFIGS = {
     "cls": {"model.classifier": "true"},
     "cls_rae": {"model.classifier": "true", "rae.enabled": "true"},
     "de_rae": {"rae.enabled": "true"},
+    "cls_g0": {"model.classifier": "true", "index.classifier_gamma": "0"},
+    "cls_g2": {"model.classifier": "true", "index.classifier_gamma": "2"},
 }
-REUSES = {"cls_rae": "cls", "de_rae": "de"}  # evaluation-only: the other configuration's trained model
+REUSES = {"cls_rae": "cls", "de_rae": "de", "cls_g0": "cls", "cls_g2": "cls"}  # evaluation-only: the other configuration's trained model
 METRICS = ["P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@5"]
 COLUMNS = ["config", *METRICS, "train_s", "params_m", "bundle_mb", "lambda"]
 
