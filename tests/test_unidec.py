@@ -257,6 +257,21 @@ def test_checkpoint_holds_the_table_and_its_optimizer_state_and_resume_matches(t
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_head_trains_with_the_cached_label_pool(tiny_params, tiny_dataset_dir, tmp_path):
+    """`cached` scores every label each step (its fresh labels re-encoded, the rest from the cache):
+    the classifier gets every row's gradient; PSL with two positives per query."""
+    raw = tiny_params(data={"dir": str(tiny_dataset_dir)}, model={"classifier": True, "label_bias": True},
+                      negatives={"mode": "cached", "refresh_steps": 4, "num_hard": 4},
+                      train={"epochs": 1, "num_threads": 1, "sample_positives": 2})
+    params = parse_params(raw)
+    metrics = loop.train(params, tmp_path)
+    model = DualEncoder.load(tmp_path / paths.MODEL_DIR)
+    fresh = DualEncoder.from_params(params.model, train_labels=read_dataset(tiny_dataset_dir).trn.labels)
+    moved = ((model.classifier.table - fresh.embed(read_dataset(tiny_dataset_dir).lbl.titles, "label"))
+             .norm(dim=1) > 1e-4)
+    assert metrics["val_P@1"] > 0 and moved.all()  # every label is in every step's pool
+
+
 # ---------------------------------------------------------------- label-sharded multi-process (gloo)
 WORLD = 2
 DIST_ROWS = [0, 3, 5, 8, 13, 21, 34]
@@ -266,8 +281,7 @@ def _classifier_steps(ctx, encoder_dir: str, dataset_dir: str) -> dict:
     """Two training steps of a model with a classifier head and label bias (this process's part of
     each, in `ctx`): the losses, the averaged parameter gradients of the first step, the table and
     its Adagrad state after both. Dropout off (eval), as in tests/test_distributed.py."""
-    from dexml.train.losses import get_loss
-    from dexml.train.negatives import build_pool
+    from dexml.train import negatives
     from dexml.train.tokens import tokenize
 
     ds = read_dataset(dataset_dir)
@@ -283,10 +297,10 @@ def _classifier_steps(ctx, encoder_dir: str, dataset_dir: str) -> dict:
     for step, mode in enumerate(("all", "in-batch")):
         model.zero_grad(set_to_none=True)
         rows = np.array(DIST_ROWS)
-        pool = build_pool(mode, y[rows], np.random.default_rng(step), 1)
+        whole = negatives.build_pool(mode, y[rows], np.random.default_rng(step), 1)
         q_ids, q_mask = q_tok.batch(ctx.share(rows), ctx.device)
-        loss = loop.grad_cached_step(model, q_ids, q_mask, l_tok, ctx.shard(pool), get_loss("softmax"), 5,
-                                     ctx.device, group=ctx.group)
+        loss = loop.train_step(model, q_ids, q_mask, l_tok, negatives.shard(whole, ctx.rank, ctx.world), "softmax",
+                               5, ctx.device, group=ctx.group)
         ctx.average_gradients(model)
         out[f"loss{step}"] = torch.tensor(loss, dtype=torch.float64)
         if step == 0:
