@@ -73,6 +73,14 @@ class ModelParams:
     # at the index stage; labels without a training positive keep 0 (dexml/serve/priors.py).
     label_bias: bool = False
     label_bias_lr_scale: float = 100.0  # the bias learns this many times faster than train.lr
+    # UniDEC's classifier head (dexml/train/classifier.py): a query projection and one free vector
+    # per label (an L x dim table, row-wise Adagrad), trained with the same loss over the same pool;
+    # folded into the label index with the dual encoder's vectors (dexml/serve/classifier.py).
+    classifier: bool = False
+    # table rows at the start: the untrained encoder's label embeddings, or 0
+    classifier_init: Literal["embedding", "zeros"] = "embedding"
+    classifier_weight: float = 1.0  # total loss = loss(dual encoder) + this * loss(classifier)
+    classifier_lr: float = 0.01  # row-wise Adagrad learning rate of the table (scaled by train's schedule)
 
 
 @dataclass(frozen=True)
@@ -108,13 +116,41 @@ class LossParams:
         return {key: getattr(self, key) for key in LOSS_TYPES[self.name].options}
 
 
+@dataclass(frozen=True)
+class NegativeMode:
+    help: str
+    knobs: tuple[str, ...] = ()  # the negatives.* settings the mode reads (besides label_chunk)
+
+
+# negatives.mode: which labels a training step scores its queries against and which of them it
+# re-encodes with gradients. The objects live in dexml/train/negatives.py (torch); this table is
+# what the config accepts, its errors and the docs (docs/negatives.md) say.
+NEGATIVE_MODES = {
+    "all": NegativeMode("every label in every step, all of them re-encoded with gradients "
+                        "(gradient caching in label_chunk chunks): the paper's setting, exact"),
+    "in-batch": NegativeMode("the batch's positive labels only; one encode with gradients when the pool "
+                             "fits in label_chunk"),
+    "hard": NegativeMode("the batch's positives + num_hard per query sampled from its top-`shortlist` "
+                         "labels, the shortlist rebuilt every `refresh_every` epochs",
+                         ("num_hard", "shortlist", "refresh_every")),
+    "cached": NegativeMode("every label scored against a no-grad table of all label embeddings, refreshed "
+                           "at each epoch start and every `refresh_steps` steps; the batch's positives + "
+                           "per query the top `num_hard` negatives under the cached scores (+ `num_random` "
+                           "uniform ones) re-encoded with gradients", ("num_hard", "num_random", "refresh_steps")),
+}
+
+
 @dataclass
 class NegativesParams:
-    mode: Literal["all", "in-batch", "hard"] = "all"
-    label_chunk: int = 128  # labels encoded per chunk in `all` mode (gradient caching)
-    num_hard: int = 8
-    shortlist: int = 50
-    refresh_every: int = 1  # epochs
+    mode: str = "all"  # a name in NEGATIVE_MODES
+    label_chunk: int = 128  # labels encoded with gradients per chunk (gradient caching beyond one chunk)
+    num_hard: int = 8  # hard / cached: negatives per query
+    shortlist: int = 50  # hard: top labels per query the negatives are sampled from
+    refresh_every: int = 1  # hard: epochs between shortlist rebuilds
+    # cached: steps between label-table refreshes (also at every epoch start). Measured in
+    # docs/negatives.md: after 50 steps the stale table still finds ~90% of the fresh top negatives.
+    refresh_steps: int = 50
+    num_random: int = 0  # cached: uniformly random extra negatives per query, re-encoded with gradients
 
 
 @dataclass
@@ -125,7 +161,8 @@ class TrainParams:
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of steps
     grad_clip: Optional[float] = 1.0
-    sample_positives: Literal[0, 1] = 1
+    # PSL: positives per query per step in the loss (uniform, seeded); 0 = every positive
+    sample_positives: int = 1
     val_fraction: float = 0.1
     val_max_points: int = 2000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -183,6 +220,8 @@ class IndexParams:
     refine_k_factor: float = 4.0  # factory strings with a refinement stage (",RFlat"): candidates re-ranked per result
     use_gpu: Literal["auto", "off"] = "auto"  # faiss and ONNX Runtime on the GPU (index, evaluate) | CPU
     batch_size: int = 256  # labels per ONNX encoder call
+    # With a classifier head: the index ranks by dual-encoder score + this * classifier score
+    classifier_gamma: float = 1.0
 
 
 @dataclass
@@ -351,10 +390,16 @@ def _check(p: Params) -> None:
     need(n.num_hard > 0, "negatives.num_hard", "a positive integer", n.num_hard)
     need(n.shortlist >= n.num_hard, "negatives.shortlist", f">= negatives.num_hard ({n.num_hard})", n.shortlist)
     need(n.refresh_every > 0, "negatives.refresh_every", "a positive integer", n.refresh_every)
+    need(n.mode in NEGATIVE_MODES, "negatives.mode", "one of " + ", ".join(
+        f"{name} ({mode.help})" for name, mode in NEGATIVE_MODES.items()), n.mode)
+    need(n.refresh_steps > 0, "negatives.refresh_steps", "a positive integer", n.refresh_steps)
+    need(n.num_random >= 0, "negatives.num_random", "an integer >= 0", n.num_random)
     t = p.train
     need(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     need(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
     need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(t.sample_positives >= 0, "train.sample_positives",
+         "an integer >= 0 (0 = every positive, b = up to b sampled positives per query per step)", t.sample_positives)
     need(0 <= t.warmup < 1, "train.warmup", "a fraction in [0, 1)", t.warmup)
     need(0 < t.val_fraction < 1, "train.val_fraction", "a fraction in (0, 1)", t.val_fraction)
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
@@ -368,6 +413,8 @@ def _check(p: Params) -> None:
     for key in ("auto_flat_max", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
         need(getattr(p.index, key) > 0, f"index.{key}", "a positive integer", getattr(p.index, key))
     need(m.label_bias_lr_scale > 0, "model.label_bias_lr_scale", "a positive number", m.label_bias_lr_scale)
+    need(m.classifier_weight >= 0, "model.classifier_weight", "a number >= 0", m.classifier_weight)
+    need(m.classifier_lr > 0, "model.classifier_lr", "a positive number", m.classifier_lr)
     r = p.rae
     need(r.k > 0, "rae.k", "a positive integer", r.k)
     need(all(0 <= v <= 1 for v in r.lambdas), "rae.lambdas", "weights in [0, 1]", r.lambdas)
@@ -377,6 +424,7 @@ def _check(p: Params) -> None:
     need(r.metric in EVAL_KEYS, "rae.metric", f"one of {list(EVAL_KEYS)}", r.metric)
     need(p.index.type in INDEX_TYPES or _faiss_can_parse(p.index.type), "index.type",
          f"one of {list(INDEX_TYPES)} or a faiss index factory string such as \"HNSW32,Flat\"", p.index.type)
+    need(p.index.classifier_gamma >= 0, "index.classifier_gamma", "a number >= 0", p.index.classifier_gamma)
     need(p.index.refine_k_factor >= 1, "index.refine_k_factor", "a number >= 1", p.index.refine_k_factor)
     for key in ("ivf_nlist", "pq_m"):
         need(getattr(p.index, key) >= 0, f"index.{key}", "0 (automatic) or a positive integer", getattr(p.index, key))

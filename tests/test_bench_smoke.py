@@ -47,21 +47,29 @@ def test_throughput_modes_use_their_label_pools(tiny_encoder, tiny_dataset_dir, 
                            "--steps", "2", "--warmup", "1", "--num-hard", "2", "--shortlist", "5",
                            "--out", str(tmp_path / "tp.json")])
     rows = {r["mode"]: r for r in doc["rows"]}
-    assert set(rows) == {"all", "in-batch", "hard", "sentence-transformers CachedMNRL"}
+    assert set(rows) == {"all", "in-batch", "hard", "cached", "sentence-transformers CachedMNRL"}
     assert rows["all"]["pool_labels"] == 40  # every label of the tiny dataset
     assert rows["in-batch"]["pool_labels"] < rows["hard"]["pool_labels"] <= 40  # hard adds negatives
     assert rows["sentence-transformers CachedMNRL"]["pool_labels"] == 8  # one positive per query
+    assert rows["cached"]["pool_labels"] == 40 and rows["cached"]["labels_grad"] < 40  # scores all, encodes few
+    assert rows["in-batch"]["labels_no_grad"] == 0  # one encode with autograd: the pool fits in a chunk
     assert all(r["examples_per_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
 
 
 def test_memory_rows_scale_the_tables_with_labels(tiny_encoder, tmp_path):
     doc = memory.main(["--encoder", str(tiny_encoder), "--device", "cpu", "--inline", "--labels", "300,3000",
-                       "--batch-size", "4", "--steps", "1", "--label-chunk", "512", "--out", str(tmp_path / "m.json")])
-    small, large = doc["rows"]
-    assert (small["labels"], large["labels"]) == (300, 3000)
+                       "--modes", "all,cached", "--batch-size", "4", "--steps", "1", "--label-chunk", "512",
+                       "--num-hard", "2", "--out", str(tmp_path / "m.json")])
+    rows = {(r["mode"], r["labels"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, n) for m in ("all", "cached") for n in (300, 3000)}
+    small, large = rows["all", 300], rows["all", 3000]
     assert large["emb_table_mb"] == pytest.approx(10 * small["emb_table_mb"], rel=0.05)
-    assert large["scores_mb"] == pytest.approx(4 * 3000 * 4 / 2**20, abs=1e-3)  # B x L float32
-    assert all(r["step_s"] > 0 and r["peak_mb"] >= r["baseline_mb"] for r in doc["rows"])
+    assert large["state_mb"] == pytest.approx(2 * large["emb_table_mb"] + 3000 * 8 / 2**20, abs=0.1)
+    assert rows["cached", 3000]["state_mb"] == pytest.approx(large["emb_table_mb"] + 3000 * 8 / 2**20, abs=0.1)
+    assert small["labels_grad"] == 300 and large["labels_grad"] == 3000  # all: every label with gradients
+    # cached: the positives and 2 hard negatives per query of 4 queries, never the whole table
+    assert 0 < rows["cached", 3000]["labels_grad"] <= 4 * (1 + 2) and rows["cached", 3000]["refresh_s"] > 0
+    assert all("error" not in r and r["step_s"] >= 0 and r["peak_mb"] >= r["baseline_mb"] for r in doc["rows"])
 
 
 def test_serving_exports_times_and_measures_int8(tiny_encoder, tiny_dataset_dir, tmp_path):
@@ -106,7 +114,7 @@ def test_report_renders_tables_and_marks_missing_gpu_rows(tmp_path):
     assert report.main(["--results", str(results), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and all(f"prose {n}" in text for n in names)
-    assert "| 10000 | 1.50 | - | 400 | 900 |" in text and "Test CPU (2 cores" in text
+    assert "| - | 10000 | 1.50 | - | - | - | 400 | 900 |" in text  # mode, labels, step_s, ..., baseline, peak and "Test CPU (2 cores" in text
     assert text.count("GPU rows: pending") == 5  # losses (2 datasets), throughput, memory, serving; index and trials: CPU only
 
 

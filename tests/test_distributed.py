@@ -25,12 +25,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dexml import paths
-from dexml.config import ModelParams, TrainParams
+from dexml.config import ModelParams, NegativesParams, TrainParams
 from dexml.data.dataset import read_dataset
 from dexml.errors import ConfigError
-from dexml.train import distributed
-from dexml.train.loop import grad_cached_step, validate
-from dexml.train.losses import get_loss
+from dexml.train import distributed, negatives
+from dexml.train.loop import train_step, validate
 from dexml.train.model import DualEncoder
 from dexml.train.negatives import build_pool
 from dexml.train.tokens import tokenize
@@ -38,12 +37,12 @@ from dexml.train.tokens import tokenize
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 LOSSES = ["softmax", "decoupled_softmax", "soft_topk", "bce"]
-MODES = ["all", "in-batch", "hard"]
+MODES = ["all", "in-batch", "hard", "cached"]
 
 # (name, loss, mode, training rows, sample_positives, shared towers). Seven rows split 4 + 3 over
 # the ranks; the label chunk of 5 makes several gradient-cache chunks per shard.
 ROWS = [0, 3, 5, 8, 13, 21, 34]
-CASES = [(f"{loss}-{mode}", loss, mode, ROWS, i % 2, True)
+CASES = [(f"{loss}-{mode}", loss, mode, ROWS, i % 3, True)
          for i, (loss, mode) in enumerate((loss, mode) for loss in LOSSES for mode in MODES)]
 CASES += [
     ("two-towers", "decoupled_softmax", "all", ROWS, 1, False),
@@ -51,6 +50,7 @@ CASES += [
     ("one-query-hard", "softmax", "hard", [2], 0, True),
     # a row with a single positive and no sampled negatives: rank 1 gets an empty label shard
     ("one-label-in-batch", "bce", "in-batch", None, 1, True),
+    ("two-towers-cached", "decoupled_softmax", "cached", ROWS, 2, False),
 ]
 CHUNK = 5
 
@@ -79,14 +79,23 @@ def run_cases(ctx: distributed.Context, encoder_dir, dataset_dir) -> dict[str, t
         model.zero_grad(set_to_none=True)
         rows = np.array(rows if rows is not None else [single])
         rng = np.random.default_rng(seed)  # the shared decisions: same stream on every rank
-        shortlist = rng.integers(-1, ds.num_labels, (len(rows), 6)) if mode == "hard" else None
-        pool = build_pool(mode, y[rows], rng, sample_positives, shortlist, num_hard=4)
+        if mode == "cached":  # each rank caches its label shard; hard negatives merged over ranks
+            setup = negatives.Setup(NegativesParams(mode="cached", num_hard=3, num_random=1), sample_positives,
+                                    ds.num_labels, l_tok, q_tok, np.arange(len(ds.trn)), y, ctx.device, ctx=ctx)
+            cached = negatives.make_mode(setup)
+            cached.refresh(model, 0, 0)
+            pool = cached.pool(rows, y[rows], rng)
+            size = ds.num_labels
+        else:
+            shortlist = rng.integers(-1, ds.num_labels, (len(rows), 6)) if mode == "hard" else None
+            whole = build_pool(mode, y[rows], rng, sample_positives, shortlist, num_hard=4)
+            pool, size = negatives.shard(whole, ctx.rank, ctx.world), len(whole.labels)
         q_ids, q_mask = q_tok.batch(ctx.share(rows), ctx.device)
-        loss = grad_cached_step(model, q_ids, q_mask, l_tok, ctx.shard(pool), get_loss(loss_name, k=3, alpha=2.0),
-                                CHUNK, ctx.device, group=ctx.group)
+        loss = train_step(model, q_ids, q_mask, l_tok, pool, loss_name, CHUNK, ctx.device, group=ctx.group,
+                          **({"k": 3, "alpha": 2.0} if loss_name == "soft_topk" else {}))
         ctx.average_gradients(model)
         out[f"{name}/loss"] = torch.tensor(loss, dtype=torch.float64)
-        out[f"{name}/pool_size"] = torch.tensor(len(pool.labels))
+        out[f"{name}/pool_size"] = torch.tensor(size)
         for pname, param in model.named_parameters():
             out[f"{name}/{pname}"] = (param.grad if param.grad is not None else torch.zeros_like(param)).cpu()
     return out

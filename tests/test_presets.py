@@ -21,7 +21,9 @@ def test_presets_hold_the_papers_settings():
     eur = load_params(REPO / "params.yaml", get_preset("EURLex-4K"))
     assert (eur.model.query_max_len, eur.model.pooling, eur.train.batch_size, eur.model.tau) == (128, "cls", 512, 0.05)
     amz = load_params(REPO / "params.yaml", get_preset("LF-AmazonTitles-1.3M"))
-    assert (amz.model.label_max_len, amz.train.lr, amz.model.normalize, amz.negatives.mode) == (32, 3e-4, False, "all")
+    assert (amz.model.label_max_len, amz.train.lr, amz.model.normalize, amz.negatives.mode) == (32, 3e-4, False, "cached")
+    assert wiki.negatives.mode == "cached" and wiki.negatives.refresh_steps > amz.negatives.refresh_steps  # lower lr
+    assert eur.negatives.mode == "all"  # 4K labels: all-label training is affordable
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("EURLex-5K")
 

@@ -113,6 +113,15 @@ def tune_rae(predictor: Predictor, ds: XMCDataset, params: Params, inv_prop: np.
                            "without_rae": {k: round(de_only[k], 4) for k in pick} if de_only else None}}
 
 
+def scoring(index_info: dict) -> dict:
+    """What the label index ranks by: the dual encoder, + its label bias, + gamma x the classifier
+    head (both folded into the label vectors by the index stage)."""
+    head = index_info.get("classifier")
+    return {"dual_encoder": True, "label_bias": bool(index_info.get("label_bias")),
+            "classifier": bool(head), "classifier_gamma": head["gamma"] if head else None,
+            "index_dim": index_info.get("dim")}
+
+
 def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path, heldout_file: str | Path):
     """-> (eval dict, score matrix, P@k, R@k, buckets, dataset) without writing anything."""
     ds = read_dataset(data_dir)
@@ -143,6 +152,7 @@ def evaluate_bundle(params: Params, bundle_dir: str | Path, data_dir: str | Path
     throughput["onnx_providers"] = predictor.encoder.providers
     throughput["index_type"] = predictor.index_info["type"]
     result["throughput"] = throughput
+    result["scoring"] = scoring(predictor.index_info)
     if predictor.encoder.meta["int8_files"]:
         q8 = Predictor(bundle_dir, verify=False, int8=True, gpu=gpu, rae=predictor.rae or False, max_k=max_k)
         matrix8, throughput8, _ = score_test_set(q8, ds, params)
@@ -183,7 +193,8 @@ def run(params: Params, root: str | Path = ".") -> dict:
             shipped = {k: choice[k] for k in ("lambda", "temperature", "k")}
     fileio.write_json(root / paths.EVAL_METRICS, eval_json)
     write_manifest(bundle_dir, dataset=ds.name, params=params.to_dict(), metrics=eval_json,
-                   throughput=result["throughput"], git_rev=git_revision(root), rae=shipped)
+                   throughput=result["throughput"], git_rev=git_revision(root), rae=shipped,
+                   scoring={**result["scoring"], "retrieval_augmented": shipped is not None})
     return eval_json
 
 

@@ -33,6 +33,7 @@ from dexml import fileio, paths
 from dexml.config import DataParams, ExportParams, Params
 from dexml.data.dataset import LABEL_FILE, SPLIT_FILES, iter_jsonl, make_text
 from dexml.errors import ConfigError, DexmlError, require_optional
+from dexml.serve import classifier as serve_classifier
 from dexml.serve import priors
 from dexml.serve.encoder import (
     ENCODER_META,
@@ -135,12 +136,33 @@ def _quantize(src: Path, dst: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
+def _combined_parity(model, onnx_encoder: OnnxEncoder, encoder_dir: Path, texts: dict) -> dict:
+    """The ranking score as the bundle computes it (ONNX embeddings, the classifier folded into the
+    label vectors, dexml/serve/classifier.py) against PyTorch's DualEncoder.serving_scores, on the
+    parity queries x the parity labels (the dataset's first labels: ids 0..n-1), in inner-product
+    units (tau x score, comparable with the embeddings' differences)."""
+    import torch
+
+    labels = texts["label"][:len(texts["label"]) - len(EDGE_TEXTS)]
+    ids = torch.arange(len(labels))
+    tau = model.meta.tau
+    with torch.no_grad():
+        ref = model.serving_scores(model.embed(texts["query"], "query"), model.embed(labels, "label"), ids) * tau
+    weight, bias, table = serve_classifier.read_classifier(encoder_dir / serve_classifier.CLASSIFIER_FILE)
+    vectors, offsets = serve_classifier.fold(onnx_encoder.embed(labels, "label"), weight, bias, table[:len(labels)], 1.0)
+    if model.label_bias is not None:
+        offsets = offsets + tau * model.label_bias.values().numpy()[:len(labels)]
+    got = onnx_encoder.embed(texts["query"], "query") @ vectors.T + offsets
+    return {"max_abs_diff": float(np.abs(got - ref.numpy()).max()) if len(labels) else 0.0,
+            "texts": len(texts["query"]), "labels": len(labels)}
+
+
 def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportParams,
                    texts: dict[str, list[str]]) -> dict:
     """Export, check parity on `texts` ({"query": [...], "label": [...]}), return the report."""
     import torch
 
-    from dexml.train.model import DualEncoder
+    from dexml.train.model import DualEncoder, write_classifier_file
 
     start = time.perf_counter()
     model = DualEncoder.load(model_dir).eval()
@@ -166,6 +188,8 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         # per-label score offsets, folded into the label vectors by the index stage
         "label_bias": priors.BIAS_FILE if model.label_bias is not None else None,
         "session": session, "variant": None,
+        # the classifier head (UniDEC), folded into the label vectors by the index stage
+        "classifier": serve_classifier.CLASSIFIER_FILE if model.classifier is not None else None,
     }
     names = list(VARIANTS) if params.variant == "auto" else [params.variant]
     refs = {side: model.embed(texts[side], side).numpy() for side in ("query", "label")}
@@ -179,6 +203,8 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
         if model.label_bias is not None:
             priors.write_label_bias(tmp / priors.BIAS_FILE, model.label_bias.values().numpy(),
                                     model.label_bias.trained.numpy() > 0)
+        if model.classifier is not None:
+            write_classifier_file(tmp / serve_classifier.CLASSIFIER_FILE, model.classifier)
         variants, graphs = {}, {}
         for name in names:
             attention, fused = VARIANTS[name]
@@ -224,6 +250,13 @@ def export_encoder(model_dir: str | Path, out_dir: str | Path, params: ExportPar
                 f"{parity[worst]['max_abs_diff']:.3g} > export.parity_tol {params.parity_tol:g} "
                 f"(variants tried: {tried}); the previous export (if any) is kept")
         encoder_meta["variant"] = chosen
+        if model.classifier is not None:
+            parity["combined"] = _combined_parity(model, onnx_encoder, tmp, texts)
+            if parity["combined"]["max_abs_diff"] > params.parity_tol:
+                raise ExportError(
+                    f"ONNX export differs from PyTorch on the ranking scores (dual encoder + classifier): "
+                    f"max |diff| {parity['combined']['max_abs_diff']:.3g} > export.parity_tol "
+                    f"{params.parity_tol:g}; the previous export (if any) is kept")
 
         int8 = None
         if params.quantize_int8:

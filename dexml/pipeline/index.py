@@ -2,7 +2,8 @@
 
 data.dir's labels (+ its training queries with rae.enabled) + artifacts/bundle/encoder
 -> artifacts/bundle/index (layout in dexml.serve.index). A per-label bias in the encoder
-directory is folded into the label vectors (dexml.serve.priors). The embedding goes through
+directory is folded into the label vectors (dexml.serve.priors), and so is a classifier head
+(dexml.serve.classifier: one exact inner-product index ranks by the combined score). The embedding goes through
 the same `OnnxEncoder` that serves, so the index holds what the predictor will compare with.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import scipy.sparse as sp
 from dexml import paths
 from dexml.config import Params
 from dexml.data.dataset import LABEL_FILE, read_dataset, read_labelset
-from dexml.serve import priors
+from dexml.serve import classifier, priors
 from dexml.serve.encoder import OnnxEncoder
 from dexml.serve.index import build_index, use_gpu, write_index_dir
 
@@ -33,12 +34,24 @@ def run(params: Params, root: str | Path = ".") -> dict:
                         progress="index: embedding labels")
     encode_s = time.perf_counter() - start
     meta = encoder.meta
-    folded = None
+    folded, head = None, None
+    offsets = np.zeros(len(labels), np.float32)  # the appended column, in inner-product units
+    if meta.get("classifier"):
+        gamma = params.index.classifier_gamma
+        weight, b, table = classifier.read_classifier(encoder.dir / meta["classifier"], num_labels=len(labels),
+                                                      dim=encoder.dim)
+        emb, offsets = classifier.fold(emb, weight, b, table, gamma)
+        head = {"file": f"encoder/{meta['classifier']}", "gamma": gamma, "tau": meta["tau"],
+                "query_constant": priors.QUERY_CONSTANT,
+                "score": "dual encoder + gamma * classifier: [q, 1].[e_l + gamma W^T w_l, "
+                         "tau b_l + gamma c.w_l] / tau"}
     if meta.get("label_bias"):
         bias, trained = priors.read_label_bias(encoder.dir / meta["label_bias"], num_labels=len(labels))
-        emb = priors.fold_labels(emb, bias, meta["tau"])
+        offsets = offsets + np.float32(meta["tau"]) * bias
         folded = {"file": f"encoder/{meta['label_bias']}", "tau": meta["tau"],
                   "query_constant": priors.QUERY_CONSTANT, "trained_labels": int(trained.sum())}
+    if folded or head:
+        emb = priors.fold_labels(emb, offsets, 1.0)
     start = time.perf_counter()
     index, info = build_index(emb, params.index, gpu=gpu)
     info.update({
@@ -48,6 +61,7 @@ def run(params: Params, root: str | Path = ".") -> dict:
         "build_seconds": round(time.perf_counter() - start, 3),
         "onnx_providers": encoder.providers,
         "label_bias": folded,
+        "classifier": head,
     })
     memory = None
     if params.rae.enabled:
@@ -74,6 +88,8 @@ def summary(info: dict) -> str:
     if info["label_bias"]:
         lines.append(f"label bias folded into the label vectors ({info['label_bias']['trained_labels']} "
                      "labels learned one)")
+    if info.get("classifier"):
+        lines.append(f"classifier head folded into the label vectors (gamma {info['classifier']['gamma']})")
     if "memory" in info:
         m = info["memory"]
         lines.append(f"memory: {m['num_queries']} training queries as {m['type']}, encode {m['encode_seconds']} s, "

@@ -38,11 +38,21 @@ def _preset(source: str, max_len: int, batch: int, lr: float, tau: float, normal
             "model.tau": tau, "model.normalize": normalize, "data.query_text": query_text}
 
 
+# The two largest benchmarks train with the label cache (docs/negatives.md): every label still in
+# every step's loss, but only the positives and the hardest cached negatives re-encoded with
+# gradients. The refresh interval follows the measured staleness (docs/negatives.md): at lr 2e-4
+# the table found ~TOP50 of the fresh top negatives 50 steps after a refresh; Adam moves the
+# weights about lr per step, so the interval scales with 1/lr: ~33 steps at 3e-4, ~140 at 7e-5
+# (the README's cost table shows what the refreshes add to an epoch).
+_CACHED = {"negatives.mode": "cached", "negatives.num_hard": 4, "negatives.num_random": 0}
+
 PRESETS: dict[str, dict] = {
     "EURLex-4K": _preset("EURLex-4K", 128, 512, 5e-5, 0.05, True),
     "LF-AmazonTitles-131K": _preset("LF-AmazonTitles-131K", 32, 3000, 3e-4, 0.05, True),
-    "LF-AmazonTitles-1.3M": _preset("LF-AmazonTitles-1.3M", 32, 3000, 3e-4, 1.0, False),
-    "LF-Wikipedia-500K": _preset("LF-Wikipedia-500K", 128, 768, 7e-5, 1.0, False, "title+content"),
+    "LF-AmazonTitles-1.3M": {**_preset("LF-AmazonTitles-1.3M", 32, 3000, 3e-4, 1.0, False), **_CACHED,
+                             "negatives.refresh_steps": 33},
+    "LF-Wikipedia-500K": {**_preset("LF-Wikipedia-500K", 128, 768, 7e-5, 1.0, False, "title+content"), **_CACHED,
+                          "negatives.refresh_steps": 140},
 }
 
 

@@ -4,7 +4,8 @@
         encoder/        ONNX encoder(s), tokenizer, encoder.json, export_report.json  (export)
         index/          labels.faiss, labels.jsonl, index.json                        (index)
         manifest.json   dataset, params, git revision, metrics, throughput, the chosen
-                        retrieval-augmentation settings (`rae`, or null), sha256 of
+                        retrieval-augmentation settings (`rae`, or null), what the label
+                        index ranks by (`scoring`: heads folded into it), sha256 of
                         every file under encoder/ and index/                          (evaluate)
 
 A bundle is accepted only if every file the manifest lists is present with its checksum and
@@ -50,9 +51,11 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metrics: dict,
-                   throughput: dict, git_rev: str | None, rae: dict | None = None) -> dict:
+                   throughput: dict, git_rev: str | None, rae: dict | None = None,
+                   scoring: dict | None = None) -> dict:
     """Checksum encoder/ and index/ and write manifest.json atomically; returns the manifest.
-    rae: the settings Predictor serves with ({"lambda", "temperature", "k"}), or None."""
+    rae: the settings Predictor serves with ({"lambda", "temperature", "k"}), or None.
+    scoring: what the label index ranks by (heads folded into it), for readers of the manifest."""
     root = Path(bundle_dir)
     for d in CHECKED_DIRS:
         if not (root / d).is_dir():
@@ -65,6 +68,7 @@ def write_manifest(bundle_dir: str | Path, *, dataset: str, params: dict, metric
         "metrics": metrics,
         "throughput": throughput,
         "rae": rae,
+        **({"scoring": scoring} if scoring is not None else {}),
         "files": checksums(root),
     }
     fileio.write_json(root / MANIFEST_FILE, manifest)

@@ -2,8 +2,9 @@
 
 onnxruntime + `tokenizers` embed the texts (dexml.onnx_encoder), faiss finds the nearest
 labels. The index and evaluate stages embed and search through this same class, so what
-they measure is the code path that ships. A label index with a folded per-label bias gets
-the query constant appended here (dexml/serve/priors.py); a bundle whose manifest names `rae`
+they measure is the code path that ships. A label index with a folded per-label bias or
+classifier head gets the query constant appended here (dexml/serve/priors.py,
+dexml/serve/classifier.py); a bundle whose manifest names `rae`
 settings mixes in the labels of the nearest training queries (dexml/serve/rae.py).
 """
 from __future__ import annotations
@@ -103,10 +104,10 @@ class Predictor:
     def index(self):
         if self._index is None:
             index, self.index_info = load_index(self.dir / "index")
-            folded = 1 if self.index_info.get("label_bias") else 0
+            folded = 1 if priors.has_query_constant(self.index_info) else 0
             if index.d != self.encoder.dim + folded:
                 raise BundleError(f"{self.dir / 'index' / INDEX_FILE}: vectors of size {index.d}, but the "
-                                  f"encoder embeds to {self.encoder.dim}" + (" (+1 for the folded label bias)"
+                                  f"encoder embeds to {self.encoder.dim}" + (" (+1 for the folded column)"
                                   if folded else "") + " (rerun the index stage)")
             self._index = to_gpu(index) if self._gpu and use_gpu("auto") else index
         return self._index
@@ -137,12 +138,13 @@ class Predictor:
         return capped
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, label ids) of the dual encoder alone, each (n, min(k, labels)), best
-        first; id -1 where the index finds fewer. `embeddings` are the query encoder's (the bias
-        column, if the index has one, is appended here)."""
+        """Top-k (scores, label ids) of the label index alone (the dual encoder, with its folded
+        label bias and classifier head if the bundle has them; no retrieval augmentation), each
+        (n, min(k, labels)), best first; id -1 where the index finds fewer. `embeddings` are the
+        query encoder's (the folded column's constant, if the index has one, is appended here)."""
         index = self.index
         k = self.check_k(k)
-        if self.index_info.get("label_bias"):
+        if priors.has_query_constant(self.index_info):
             embeddings = priors.fold_queries(embeddings)
         return _search(index, self.index_info.get("search", {}), embeddings, k)
 
@@ -168,7 +170,7 @@ class Predictor:
         return rae.top_k_arrays(scores, k)
 
     def _fold(self, embeddings: np.ndarray) -> np.ndarray:
-        return priors.fold_queries(embeddings) if self.index_info.get("label_bias") else embeddings
+        return priors.fold_queries(embeddings) if priors.has_query_constant(self.index_info) else embeddings
 
     def predict(self, texts: list[str], k: int = 5, batch_size: int = 256) -> list[list[tuple[str, str, float]]]:
         """Per text, its top-k labels as (uid, title, score), best first (k is capped at the

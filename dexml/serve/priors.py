@@ -65,6 +65,12 @@ def fold_labels(label_emb: np.ndarray, bias: np.ndarray, tau: float) -> np.ndarr
     return np.ascontiguousarray(np.hstack([label_emb, column]))
 
 
+def has_query_constant(index_info: dict) -> bool:
+    """Whether the label index has the folded column (a label bias or a classifier head,
+    dexml/serve/classifier.py) that queries need a constant 1 appended for."""
+    return bool(index_info.get("label_bias") or index_info.get("classifier"))
+
+
 def fold_queries(query_emb: np.ndarray) -> np.ndarray:
     """(n, d) query embeddings -> (n, d + 1) [q, 1], float32."""
     query_emb = np.asarray(query_emb, dtype=np.float32)

@@ -5,11 +5,12 @@ finds torchrun's environment (RANK, WORLD_SIZE, ...) and joins the process group
 gloo on CPU). Outside torchrun a world of one has no process group and every helper here is a
 no-op, so the single-process path is plain PyTorch.
 
-The split of one training step (see `dexml.train.grad_cached_step`):
+The split of one training step (see `dexml.train.loop.train_step`):
 - data parallel over queries: each rank encodes its share of the global batch;
 - the step's label pool (decided identically on every rank from the shared numpy RNG: batch
-  order, positive sampling, hard negatives) is split into contiguous shards, one per rank;
-  each rank encodes only its shard, with gradient caching;
+  order, positive sampling, hard negatives) is split into contiguous shards, one per rank
+  (dexml.train.negatives.shard; `cached` keeps each rank's label shard in its table);
+  each rank encodes only its shard's fresh labels;
 - query embeddings are all-gathered with a differentiable gather, each rank scores all queries
   against its label shard, and `dexml.losses` reduces over the shards (group argument);
 - backward then gives every rank world_size x the gradient of the global loss with respect to
@@ -33,7 +34,6 @@ import torch
 
 from dexml.config import TrainParams
 from dexml.errors import ConfigError
-from dexml.train.negatives import LabelPool
 
 # torch >= 2.10 marks the differentiable collectives of torch.distributed.nn.functional (used here and
 # in dexml.losses) deprecated in favour of the private _functional_collectives; they still work.
@@ -114,14 +114,6 @@ class Context:
     def share(self, rows: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of a batch's rows (sizes differ by at most one)."""
         return np.array_split(rows, self.world)[self.rank] if self.group is not None else rows
-
-    def shard(self, pool: LabelPool) -> LabelPool:
-        """This rank's contiguous shard of a label pool: its labels' columns, every row."""
-        if self.group is None:
-            return pool
-        cols = np.array_split(np.arange(len(pool.labels)), self.world)[self.rank]
-        part = slice(cols[0], cols[-1] + 1) if len(cols) else slice(0, 0)
-        return LabelPool(pool.labels[part], pool.targets[:, part], pool.mask[:, part])
 
     def average_gradients(self, model: torch.nn.Module) -> None:
         """Parameter gradients averaged over ranks in one all-reduce (missing ones count as 0)."""

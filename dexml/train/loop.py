@@ -1,15 +1,21 @@
 """The training loop: dataset -> trained dual encoder (the `train` stage).
 
-One step: encode the batch's queries with autograd; encode the step's label pool in chunks
-without autograd (recording each chunk's RNG state); compute the loss over the (B, P) score
-matrix and its gradient with respect to the label embeddings; then re-encode each chunk with
-autograd under its recorded RNG state (same dropout) and back-propagate its cached gradient.
-Parameter gradients equal the naive full backward's, while activation memory holds one label
-chunk at a time (gradient caching).
+One step (`train_step`): encode the batch's queries with autograd; ask the negative mode's pool
+which labels to encode with gradients ("fresh": every pool label, or for `cached` the positives
+and the hardest cached negatives); the loss over the pool (`pool_loss`, label-chunked) then
+back-propagates into the queries, the fresh labels and the per-label bias. When the fresh labels
+fit in one `negatives.label_chunk` they are encoded once, with autograd. Beyond that they are
+encoded in chunks without autograd (recording each chunk's RNG state), the loss gives the
+gradient with respect to their embeddings, and each chunk is re-encoded with autograd under its
+recorded RNG state (same dropout) to back-propagate it: parameter gradients equal the naive full
+backward's while activation memory holds one label chunk at a time (gradient caching).
+
+The loop knows nothing about shortlists or caches: it calls `mode.refresh(model, epoch, step)`
+and `mode.pool(rows, ...)` of the negative mode (dexml/train/negatives.py).
 
 Under torchrun (`train.nproc` > 1, see dexml/train/distributed.py and docs/distributed.md) each process
 takes its share of the batch's queries and its shard of the label pool; rank 0 validates,
-refreshes the shortlist and writes checkpoints and outputs.
+refreshes the hard-negative shortlist and writes checkpoints and outputs.
 """
 from __future__ import annotations
 
@@ -34,11 +40,14 @@ from dexml import fileio, paths
 from dexml.config import Params
 from dexml.data.dataset import read_dataset, split_validation
 from dexml.errors import ConfigError
-from dexml.train import distributed
-from dexml.train.losses import get_loss
+from dexml.train import distributed, negatives
+from dexml.train.losses import pool_loss
 from dexml.train.model import DualEncoder
-from dexml.train.negatives import LabelPool, build_pool, build_shortlist
+from dexml.train.negatives import LabelPool
+from dexml.train.retrieval import embed_tokens, top_k
 from dexml.train.tokens import TokenizedTexts, cached_tokenize
+
+__all__ = ["embed_tokens", "train", "train_step", "validate"]
 
 
 # ---------------------------------------------------------------- devices and RNG
@@ -72,9 +81,8 @@ class RngState:
 
 
 # ---------------------------------------------------------------- one step
-def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, pool: LabelPool,
-                     loss_fn, chunk: int, device: torch.device, autocast=contextlib.nullcontext,
-                     group=None) -> float:
+def train_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedTexts, pool: LabelPool, loss_name: str,
+               chunk: int, device: torch.device, autocast=contextlib.nullcontext, group=None, **loss_opts) -> float:
     """Forward + backward for one batch (gradients accumulate in the parameters); returns the loss.
 
     With a process group, `q_ids`/`q_mask` are this rank's share of the batch's queries and `pool`
@@ -85,58 +93,66 @@ def grad_cached_step(model: DualEncoder, q_ids, q_mask, label_tok: TokenizedText
     with autocast():
         # A rank's share of a last batch smaller than the world can be empty.
         q = model.encode_queries(q_ids, q_mask) if len(q_ids) else torch.zeros(0, dim, device=device)
-    states, embs = [], []
-    with torch.no_grad():
-        for start in range(0, len(pool.labels), chunk):
-            states.append(RngState(device))
-            ids, mask = label_tok.batch(pool.labels[start:start + chunk], device)
-            with autocast():
-                embs.append(model.encode_labels(ids, mask).float())
-    after = RngState(device)
-    label_emb = (torch.cat(embs) if embs else torch.zeros(0, dim, device=device)).requires_grad_()
     q = distributed.gather_rows(q.float(), group)
-    scores = model.scores(q, label_emb, label_ids=torch.from_numpy(pool.labels))
-    loss = loss_fn(scores, torch.from_numpy(pool.targets).to(device), torch.from_numpy(pool.mask).to(device),
-                   group=group)
-    loss.backward()
-    grad = label_emb.grad
-    for i, start in enumerate(range(0, len(pool.labels), chunk)):
-        states[i].restore()
-        ids, mask = label_tok.batch(pool.labels[start:start + chunk], device)
+    fresh = None if pool.fresh is None else pool.fresh_positions(q.detach())  # None: every label
+    ids = pool.labels if fresh is None else pool.labels[fresh]
+    pool.encoded = len(ids)
+    states = None
+    if len(ids) == 0:
+        emb = torch.zeros(0, dim, device=device)
+    elif len(ids) <= chunk:  # one encode, with autograd
         with autocast():
-            emb = model.encode_labels(ids, mask)
-        emb.backward(grad[start:start + chunk].to(emb.dtype))
-    after.restore()
+            emb = model.encode_labels(*label_tok.batch(ids, device)).float()
+    else:  # gradient caching: no-grad chunks now, re-encoded with autograd after the loss
+        states, emb = [], torch.empty(len(ids), dim, device=device)  # filled in place: one copy of (P, d)
+        with torch.no_grad():
+            for start in range(0, len(ids), chunk):
+                states.append(RngState(device))
+                with autocast():
+                    emb[start:start + chunk] = model.encode_labels(*label_tok.batch(ids[start:start + chunk], device))
+        after = RngState(device)
+        emb.requires_grad_()
+    table = pool.table
+    bias = None if model.label_bias is None else model.label_bias(torch.from_numpy(pool.labels).to(device))
+    if table is None:  # the fresh labels are the whole pool
+        labels, replace = emb, None
+    else:  # the fresh embeddings stand in for their cached rows in this step's scores (table untouched)
+        labels = table
+        replace = (torch.from_numpy(fresh).to(table.device), emb) if len(fresh) else None
+    loss = pool_loss(loss_name, q, labels, pool.positives, pool.masked, scale=1.0 / model.meta.tau, bias=bias,
+                     group=group, fresh=replace, **loss_opts)
+    if model.classifier is not None:  # same loss, same pool; the table rows' gradient waits for classifier.step
+        head = model.classifier
+        loss = loss + head.loss_weight * pool_loss(loss_name, head.query(q), head.pool_rows(pool.labels),
+                                                   pool.positives, pool.masked, scale=1.0 / model.meta.tau,
+                                                   group=group, **loss_opts)
+    loss.backward()
+    if states is not None:  # back-propagate the embeddings' gradient chunk by chunk
+        for i, start in enumerate(range(0, len(ids), chunk)):
+            states[i].restore()
+            with autocast():
+                part = model.encode_labels(*label_tok.batch(ids[start:start + chunk], device))
+            part.backward(emb.grad[start:start + chunk].to(part.dtype))
+        after.restore()
     return float(loss.detach())
 
 
 # ---------------------------------------------------------------- evaluation on the validation split
 @torch.no_grad()
-def embed_tokens(encode, tok: TokenizedTexts, rows, device, batch_size: int = 256, autocast=contextlib.nullcontext):
-    out = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = tok.batch(rows[start:start + batch_size], device)
-        with autocast():
-            out.append(encode(ids, mask).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def validate(model: DualEncoder, q_tok, q_rows, label_tok, y_val: sp.csr_matrix, device, autocast, k: int = 5) -> dict:
-    """P@1 / P@5 (percent) of exact retrieval over all labels, for model selection."""
+    """P@1 / P@5 (percent) of exact retrieval over all labels, for model selection (top-k over
+    label chunks: no validation queries x labels matrix)."""
     from dexml.metrics import scores_to_csr, xmc_metrics
 
+    was_training = model.training
     model.eval()
     labels = embed_tokens(model.encode_labels, label_tok, np.arange(len(label_tok)), device, autocast=autocast)
     queries = embed_tokens(model.encode_queries, q_tok, q_rows, device, autocast=autocast)
-    model.train()
-    vals, inds = [], []
-    for start in range(0, len(queries), 1024):
-        logits = model.scores(queries[start:start + 1024], labels, label_ids=torch.arange(len(labels)))
-        top = torch.topk(logits, min(k, labels.shape[0]), dim=1)
-        vals.append(top.values.cpu())
-        inds.append(top.indices.cpu())
-    vals, inds = torch.cat(vals).numpy(), torch.cat(inds).numpy()
+    model.train(was_training)
+    bias = None if model.label_bias is None else model.label_bias().detach()
+    labels, bias = model.ranking_vectors(labels, bias)  # the classifier head folded in, as served
+    vals, inds = top_k(queries, labels, k, scale=1.0 / model.meta.tau, bias=bias)
+    vals, inds = vals.cpu().numpy(), inds.cpu().numpy()
     m = xmc_metrics(scores_to_csr(vals, inds, y_val.shape[1]), y_val, None, ks=(1, 5), recall_ks=(5,))
     return {"P@1": m["P@1"], "P@5": m["P@5"]}
 
@@ -211,6 +227,7 @@ def train(p: Params, root: str | Path = ".") -> dict:
 
 def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) -> dict:
     device = ctx.device
+    L = ds.num_labels
     if p.train.num_threads:
         torch.set_num_threads(p.train.num_threads)
     if device.type == "cuda":
@@ -231,6 +248,11 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     cache = root / paths.TOKEN_CACHE_DIR
     q_tok = cached_tokenize(ds.trn.texts(p.data.query_text), model.tokenizer, p.model.query_max_len, cache)
     l_tok = cached_tokenize(ds.lbl.texts(p.data.label_text), model.tokenizer, p.model.label_max_len, cache)
+    if model.classifier is not None and p.model.classifier_init == "embedding":
+        model.eval()
+        model.classifier.init_table(embed_tokens(model.encode_labels, l_tok, np.arange(len(l_tok)), device,
+                                                 autocast=autocast))
+        model.train()
 
     bs = p.train.batch_size  # the global batch, shared out over the ranks
     steps_per_epoch = math.ceil(len(train_rows) / bs)
@@ -238,8 +260,9 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     if p.train.max_steps:
         total_steps = min(total_steps, p.train.max_steps)
     opt, sched = make_optimizer(model, p, total_steps)
-    loss_opts = {"k": p.loss.k, "alpha": p.loss.alpha} if p.loss.name == "soft_topk" else {}
-    loss_fn = get_loss(p.loss.name, **loss_opts)
+    loss_opts = p.loss.options()
+    mode = negatives.make_mode(negatives.Setup(p.negatives, p.train.sample_positives, L, l_tok, q_tok, train_rows,
+                                               y, device, autocast, ctx))
 
     ckpt_dir = root / paths.CHECKPOINT_DIR
     ckpt_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.safetensors"
@@ -260,32 +283,31 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
     ctx.check_same(start_epoch, f"the epoch to resume from ({ckpt_path}; with train.nnodes > 1 every node "
                                 f"needs the same work directory, e.g. on shared storage)")
 
-    shortlist = None
     for epoch in range(start_epoch, p.train.epochs):
         if step >= total_steps:
             break
         ctx.seed_dropout(p.train.seed, epoch)
-        if p.negatives.mode == "hard" and (shortlist is None or epoch % p.negatives.refresh_every == 0):
-            shortlist = ctx.from_main(lambda: _refresh_shortlist(model, q_tok, l_tok, train_rows, y, p, device, autocast),
-                                      (len(train_rows), p.negatives.shortlist), np.int64)
-            pos_of = {r: i for i, r in enumerate(train_rows)}
         order = train_rows[rng.permutation(len(train_rows))]
         bar = tqdm(range(0, len(order), bs), desc=f"epoch {epoch + 1}/{p.train.epochs}", unit="batch",
                    mininterval=1.0 if sys.stderr.isatty() else 10.0, leave=True, disable=not ctx.is_main)
         t0, seen = time.perf_counter(), 0
-        for start in bar:
+        for step_in_epoch, start in enumerate(bar):
             if step >= total_steps:
                 break
             rows = order[start:start + bs]
-            sl = shortlist[[pos_of[r] for r in rows]] if shortlist is not None else None
-            pool = build_pool(p.negatives.mode, y[rows], rng, p.train.sample_positives, sl, p.negatives.num_hard)
+            t_refresh = time.perf_counter()
+            mode.refresh(model, epoch, step_in_epoch)  # shortlist / label-cache lifecycle
+            history["refresh_s"] = history.get("refresh_s", 0.0) + time.perf_counter() - t_refresh
+            pool = mode.pool(rows, y[rows], rng)  # this rank's shard
             q_ids, q_mask = q_tok.batch(ctx.share(rows), device)
-            loss = grad_cached_step(model, q_ids, q_mask, l_tok, ctx.shard(pool), loss_fn, p.negatives.label_chunk,
-                                    device, autocast, group=ctx.group)
+            loss = train_step(model, q_ids, q_mask, l_tok, pool, p.loss.name, p.negatives.label_chunk,
+                              device, autocast, group=ctx.group, **loss_opts)
             ctx.average_gradients(model)
             if p.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.train.grad_clip)
             opt.step()
+            if model.classifier is not None:  # row-wise Adagrad on the pool's rows, on train's schedule
+                model.classifier.step(sched.get_last_lr()[0] / p.train.lr, ctx.group, 1.0 / ctx.world)
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -317,8 +339,9 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
         "epochs": p.train.epochs, "steps": step, "best_epoch": best["epoch"],
         "val_P@1": best.get("P@1"), "val_P@5": best.get("P@5"),
         "examples_per_s": round(history["examples"] / max(history["time"], 1e-9), 2),
-        "train_time_s": round(history["time"], 1), "device": str(device), "processes": ctx.world,
-        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "train_time_s": round(history["time"], 1), "refresh_time_s": round(history.get("refresh_s", 0.0), 1),
+        "device": str(device), "processes": ctx.world,
+        "peak_memory_mb": round(_peak_memory_mb(device), 1), "negatives": mode.diagnostics(),
     }
     if ctx.is_main:
         # The selected (best validation) model becomes the stage's output.
@@ -335,15 +358,6 @@ def _train(p: Params, root: Path, data_dir: Path, ds, ctx: distributed.Context) 
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: a rerun starts fresh
     ctx.barrier()
     return metrics
-
-
-def _refresh_shortlist(model, q_tok, l_tok, train_rows, y, p: Params, device, autocast) -> np.ndarray:
-    """Each training query's hardest negatives under the current model."""
-    model.eval()
-    qe = embed_tokens(model.encode_queries, q_tok, train_rows, device, autocast=autocast)
-    le = embed_tokens(model.encode_labels, l_tok, np.arange(len(l_tok)), device, autocast=autocast)
-    model.train()
-    return build_shortlist(qe.cpu().numpy(), le.cpu().numpy(), y[train_rows], p.negatives.shortlist)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

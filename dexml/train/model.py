@@ -4,7 +4,9 @@ Saved in Hugging Face format (safetensors + tokenizer) laid out as a sentence-tr
 model, plus `dexml_encoder.json` with what the rest of the pipeline needs (pooling, tau, max
 lengths, whether the towers are shared). With separate towers the directory holds `query/`
 and `label/`, each a complete sentence-transformers model. With `model.label_bias` the
-per-label score offsets are in `label_bias.safetensors` (dexml/serve/priors.py).
+per-label score offsets are in `label_bias.safetensors` (dexml/serve/priors.py). With
+`model.classifier` the classifier head (query projection + label table) is in
+`classifier.safetensors` (dexml/train/classifier.py, dexml/serve/classifier.py).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from torch import nn
 from dexml.config import ModelParams
 from dexml.errors import ConfigError
 from dexml.metrics import label_frequencies
+from dexml.serve import classifier as serve_classifier
 from dexml.serve import priors
+from dexml.train.classifier import ClassifierHead
 
 # Library chatter (load reports, progress bars) drowns the stage logs.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -69,6 +73,7 @@ class EncoderMeta:
     dim: int
     label_bias: bool = False  # label_bias.safetensors holds one score offset per label
     label_bias_lr_scale: float = 100.0
+    classifier: bool = False  # classifier.safetensors holds the classifier head
 
 
 class Tower(nn.Module):
@@ -173,13 +178,14 @@ class DualEncoder(nn.Module):
     (+ b_l with a per-label bias)."""
 
     def __init__(self, query_tower: Tower, label_tower: Tower | None, meta: EncoderMeta, tokenizer,
-                 label_bias: LabelBias | None = None):
+                 label_bias: LabelBias | None = None, classifier: ClassifierHead | None = None):
         super().__init__()
         self.query_tower = query_tower
         self.label_tower = label_tower  # None = shared with the query tower
         self.meta = meta
         self.tokenizer = tokenizer
         self.label_bias = label_bias
+        self.classifier = classifier
 
     @property
     def labels(self) -> Tower:
@@ -201,6 +207,30 @@ class DualEncoder(nn.Module):
             raise ValueError("this model has a per-label bias (model.label_bias): pass label_ids, "
                              "the label index of each row of l")
         return s + self.label_bias(label_ids.to(s.device)).to(s.dtype)
+
+    def serving_scores(self, q: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor,
+                       gamma: float = 1.0) -> torch.Tensor:
+        """(B, P) what the bundle ranks by: the dual encoder's scores + gamma x the classifier's
+        (index.classifier_gamma); the dual encoder's alone without a classifier head. `labels`:
+        the label embeddings of `label_ids`."""
+        s = self.scores(q, labels, label_ids=label_ids)
+        if self.classifier is None:
+            return s
+        rows = self.classifier.table[label_ids.to(self.classifier.table.device)]
+        return s + gamma * self.classifier.scores(self.classifier.query(q), rows, self.meta.tau)
+
+    def ranking_vectors(self, labels: torch.Tensor, bias: torch.Tensor | None,
+                        gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier head folded into (all L) label embeddings and biases, as the index stage
+        folds it (dexml/serve/classifier.py): q.vectors / tau + bias = serving_scores. Without a
+        head: (labels, bias) unchanged."""
+        if self.classifier is None:
+            return labels, bias
+        head = self.classifier
+        table = head.table.to(labels.device, labels.dtype)
+        vectors = labels + gamma * table @ head.projection.weight.to(labels.dtype)
+        offsets = gamma * (table @ head.projection.bias.to(labels.dtype)) / self.meta.tau
+        return vectors, offsets if bias is None else bias.to(offsets.dtype) + offsets
 
     def tokenize(self, texts: list[str], max_len: int) -> dict:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
@@ -242,7 +272,15 @@ class DualEncoder(nn.Module):
                                   "to size the per-label bias")
             trained = torch.from_numpy(label_frequencies(train_labels) > 0)
             bias = LabelBias(trained, p.label_bias_lr_scale)
-        return cls(query, label, meta, tokenizer, bias)
+        head = None
+        if p.classifier:
+            if train_labels is None:
+                raise ConfigError("params key `model.classifier`: the model needs the training label matrix "
+                                  "to size the label table")
+            # zeros here; model.classifier_init: embedding fills it from the label embeddings (the loop)
+            head = ClassifierHead(query.dim, train_labels.shape[1], p.classifier_lr, loss_weight=p.classifier_weight)
+        meta.classifier = head is not None
+        return cls(query, label, meta, tokenizer, bias, head)
 
     def save(self, out: str | Path) -> None:
         """Write into `out` (an existing or new directory; callers make it atomic)."""
@@ -256,6 +294,8 @@ class DualEncoder(nn.Module):
         if self.label_bias is not None:
             priors.write_label_bias(out / priors.BIAS_FILE, self.label_bias.values().numpy(),
                                     self.label_bias.trained.cpu().numpy() > 0)
+        if self.classifier is not None:
+            write_classifier_file(out / serve_classifier.CLASSIFIER_FILE, self.classifier)
         (out / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
 
     @classmethod
@@ -277,7 +317,19 @@ class DualEncoder(nn.Module):
         if meta.label_bias:
             values, trained = priors.read_label_bias(path / priors.BIAS_FILE)
             bias = LabelBias(torch.from_numpy(trained), meta.label_bias_lr_scale, torch.from_numpy(values))
-        return cls(query, label, meta, AutoTokenizer.from_pretrained(tok_dir), bias)
+        head = None
+        if meta.classifier:
+            weight, b, table = serve_classifier.read_classifier(path / serve_classifier.CLASSIFIER_FILE, dim=meta.dim)
+            head = ClassifierHead(meta.dim, len(table), table=torch.from_numpy(table))
+            head.projection.load_state_dict({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(b)})
+        return cls(query, label, meta, AutoTokenizer.from_pretrained(tok_dir), bias, head)
+
+
+def write_classifier_file(path: Path, head: ClassifierHead) -> None:
+    """The head's projection and table as classifier.safetensors (dexml/serve/classifier.py)."""
+    serve_classifier.write_classifier(path, head.projection.weight.detach().float().cpu().numpy(),
+                                      head.projection.bias.detach().float().cpu().numpy(),
+                                      head.table.detach().float().cpu().numpy())
 
 
 def make_tiny_encoder(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
