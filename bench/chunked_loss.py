@@ -14,7 +14,7 @@ bias': P x (d + 1) x 4 bytes; for `fresh` the fresh rows' and the bias'): what i
 loss's own working memory, O(B x chunk) for pool_loss and O(B x P) for the dense loss. Run with MALLOC_MMAP_THRESHOLD_=65536 (set
 for the workers unless already set), so that freed buffers go back to the system and RSS is honest.
 
-    /work/wt/heavy python bench/chunked_loss.py                # 1 thread, writes bench/results/cpu/chunked_loss.json
+    taskset -c 0 python bench/chunked_loss.py                # 1 thread, writes bench/results/cpu/chunked_loss.json
     python bench/chunked_loss.py --labels 1e3 --losses softmax --repeats 1 --out /tmp/x.json   # smoke
 """
 from __future__ import annotations

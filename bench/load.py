@@ -13,7 +13,7 @@ formed (from its /metrics), errors (goal 0). Scenarios, one after the other in t
 The server is `python -m dexml.cli serve` in its own process (pinned with --server-cpus), the
 clients run in this one (--client-cpus), so they do not share a core or the GIL.
 
-    /work/wt/heavy -2 python bench/load.py --bundle /path/to/bundle --data ../shared/datasets/LF-DebianTags
+    taskset -c 0,1 python bench/load.py --bundle /path/to/bundle --data ../shared/datasets/LF-DebianTags
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ the same fp32 label embeddings by exact search (no faiss needed). The Predictor 
 (a flat index built by dexml.index.build_index) and are skipped where it is absent.
 
     python bench/serving.py --device cpu
-    /work/wt/heavy -2 python bench/serving.py --parts encoder --threads 1,2 --out bench/results/cpu/serving_variants.json
+    taskset -c 0,1 python bench/serving.py --parts encoder --threads 1,2 --out bench/results/cpu/serving_variants.json
     python bench/serving.py --device cuda --model /tmp/decoupled   # adds PyTorch bf16 on the GPU
 """
 from __future__ import annotations
