@@ -120,9 +120,9 @@ class NegativeMode:
 NEGATIVE_MODES = {
     "all": NegativeMode("every label in every step, all of them re-encoded with gradients "
                         "(gradient caching in label_chunk chunks): the paper's setting, exact"),
-    "in-batch": NegativeMode("the batch's positive labels only; one encode with gradients when the pool "
-                             "fits in label_chunk"),
-    "hard": NegativeMode("the batch's positives + num_hard per query sampled from its top-`shortlist` "
+    "in-batch": NegativeMode("the positives in the batch's loss only (train.sample_positives per query); one "
+                             "encode with gradients when the pool fits in label_chunk"),
+    "hard": NegativeMode("the batch's sampled positives + num_hard per query sampled from its top-`shortlist` "
                          "labels, the shortlist rebuilt every `refresh_every` epochs",
                          ("num_hard", "shortlist", "refresh_every")),
     "cached": NegativeMode("every label scored against a no-grad table of all label embeddings, refreshed "
