@@ -40,10 +40,11 @@ def _preset(source: str, max_len: int, batch: int, lr: float, tau: float, normal
 
 # The two largest benchmarks train with the label cache (docs/negatives.md): every label still in
 # every step's loss, but only the positives and the hardest cached negatives re-encoded with
-# gradients. The refresh interval follows the measured staleness (docs/negatives.md): at lr 2e-4
-# the table found ~TOP50 of the fresh top negatives 50 steps after a refresh; Adam moves the
-# weights about lr per step, so the interval scales with 1/lr: ~33 steps at 3e-4, ~140 at 7e-5
-# (the README's cost table shows what the refreshes add to an epoch).
+# gradients. Refresh interval: on LF-DebianTags (lr 2e-4) the table was badly stale 50 steps after a
+# refresh (cosine 0.6-0.77 to the fresh embeddings, 40-60% of the fresh top negatives found), much
+# less after 5-20; Adam moves the weights about lr per step, so the interval scales with 1/lr from
+# the default 20 at 2e-4: ~13 at 3e-4 would be the same staleness, but a refresh of 1.3M labels
+# costs ~25 steps (README), so 33 trades some staleness for an epoch of ~1 hour; ~60 at 7e-5.
 _CACHED = {"negatives.mode": "cached", "negatives.num_hard": 4, "negatives.num_random": 0}
 
 PRESETS: dict[str, dict] = {
@@ -52,7 +53,7 @@ PRESETS: dict[str, dict] = {
     "LF-AmazonTitles-1.3M": {**_preset("LF-AmazonTitles-1.3M", 32, 3000, 3e-4, 1.0, False), **_CACHED,
                              "negatives.refresh_steps": 33},
     "LF-Wikipedia-500K": {**_preset("LF-Wikipedia-500K", 128, 768, 7e-5, 1.0, False, "title+content"), **_CACHED,
-                          "negatives.refresh_steps": 140},
+                          "negatives.refresh_steps": 60},
 }
 
 
