@@ -40,11 +40,9 @@ def _preset(source: str, max_len: int, batch: int, lr: float, tau: float, normal
 
 # The two largest benchmarks train with the label cache (docs/negatives.md): every label still in
 # every step's loss, but only the positives and the hardest cached negatives re-encoded with
-# gradients. Refresh interval: on LF-DebianTags (lr 2e-4) the table was badly stale 50 steps after a
-# refresh (cosine 0.6-0.77 to the fresh embeddings, 40-60% of the fresh top negatives found), much
-# less after 5-20; Adam moves the weights about lr per step, so the interval scales with 1/lr from
-# the default 20 at 2e-4: ~13 at 3e-4 would be the same staleness, but a refresh of 1.3M labels
-# costs ~25 steps (README), so 33 trades some staleness for an epoch of ~1 hour; ~60 at 7e-5.
+# gradients. Refresh interval: on LF-DebianTags at lr 2e-4, 50 steps trained a better model than 20
+# at half the refresh cost (the table drifts as far in 20 steps as in 50); Adam moves the weights
+# about lr per step, so the interval scales with 1/lr: ~33 steps at 3e-4, ~140 at 7e-5.
 _CACHED = {"negatives.mode": "cached", "negatives.num_hard": 4, "negatives.num_random": 0}
 
 PRESETS: dict[str, dict] = {
@@ -53,7 +51,7 @@ PRESETS: dict[str, dict] = {
     "LF-AmazonTitles-1.3M": {**_preset("LF-AmazonTitles-1.3M", 32, 3000, 3e-4, 1.0, False), **_CACHED,
                              "negatives.refresh_steps": 33},
     "LF-Wikipedia-500K": {**_preset("LF-Wikipedia-500K", 128, 768, 7e-5, 1.0, False, "title+content"), **_CACHED,
-                          "negatives.refresh_steps": 60},
+                          "negatives.refresh_steps": 140},
 }
 
 
