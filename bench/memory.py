@@ -145,7 +145,7 @@ def run_one(num_labels: int, mode: str, args, enc: str) -> dict:
     if device.startswith("cuda"):
         peak, how = torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
     else:
-        peak, how = common.peak_rss_mb(), "peak RSS of the process"
+        peak, how = common.window_peak_rss_mb(), "peak RSS of the process since the baseline (VmHWM reset)"
     d = model.meta.dim
     table = num_labels * d * 4 / 2**20
     state = {"all": 2 * table, "cached": table}.get(mode, 0.0) + (num_labels * 8 / 2**20 if mode in ("all", "cached") else 0)

@@ -40,10 +40,9 @@ def _preset(source: str, max_len: int, batch: int, lr: float, tau: float, normal
 
 # The two largest benchmarks train with the label cache (docs/negatives.md): every label still in
 # every step's loss, but only the positives and the hardest cached negatives re-encoded with
-# gradients. The refresh interval follows the measured staleness (docs/negatives.md): at lr 2e-4
-# the table found ~TOP50 of the fresh top negatives 50 steps after a refresh; Adam moves the
-# weights about lr per step, so the interval scales with 1/lr: ~33 steps at 3e-4, ~140 at 7e-5
-# (the README's cost table shows what the refreshes add to an epoch).
+# gradients. Refresh interval: on LF-DebianTags at lr 2e-4, 50 steps trained a better model than 20
+# at half the refresh cost (the table drifts as far in 20 steps as in 50); Adam moves the weights
+# about lr per step, so the interval scales with 1/lr: ~33 steps at 3e-4, ~140 at 7e-5.
 _CACHED = {"negatives.mode": "cached", "negatives.num_hard": 4, "negatives.num_random": 0}
 
 PRESETS: dict[str, dict] = {

@@ -85,15 +85,18 @@ def build_pool(mode: str, y_batch: sp.csr_matrix, rng: np.random.Generator, samp
     keep = sample_positives(y, sample_positives_per_row, rng)
     if mode == "all":
         labels = np.arange(num_labels, dtype=np.int64)
-    elif mode == "in-batch":
-        labels = np.unique(y.indices).astype(np.int64)
+    elif mode == "in-batch":  # the positives in this step's loss (as CachedMNRL: each query's are the others' negatives)
+        labels = np.unique(y.indices[keep]).astype(np.int64)
     elif mode == "hard":
         hard = sample_hard(shortlist_rows, num_hard, rng) if shortlist_rows is not None else np.zeros(0, np.int64)
-        labels = np.unique(np.concatenate([y.indices, hard])).astype(np.int64)
+        labels = np.unique(np.concatenate([y.indices[keep], hard])).astype(np.int64)
     else:
         raise ValueError(f"build_pool: mode {mode!r} is not one of all, in-batch, hard")
-    columns = np.searchsorted(labels, y.indices)
-    return LabelPool(labels, _entries(y, columns, keep, len(labels)), _entries(y, columns, ~keep, len(labels)))
+    columns = np.minimum(np.searchsorted(labels, y.indices), max(len(labels) - 1, 0))
+    in_pool = (labels[columns] == y.indices) if len(labels) else np.zeros(y.nnz, bool)
+    # A query's positives not drawn this step are masked where they are in the pool (another
+    # query's positive or a hard negative): never a negative for their own query.
+    return LabelPool(labels, _entries(y, columns, keep, len(labels)), _entries(y, columns, ~keep & in_pool, len(labels)))
 
 
 def shard(pool: LabelPool, rank: int, world: int) -> LabelPool:
