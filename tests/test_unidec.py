@@ -177,7 +177,10 @@ def unidec_root(tmp_path_factory, tiny_encoder, tiny_dataset_dir):
         "model": {"encoder": str(tiny_encoder), "tau": 0.1, "query_max_len": 16, "label_max_len": 12,
                   "label_bias": True, "classifier": True},
         "negatives": {"mode": "in-batch"},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "seed": 0, "warmup": 0.0, "num_threads": 1},
+        # sample_positives 0: every positive is in its step's in-batch pool (with 1, only the sampled
+        # positive is), so exactly the labels with a training positive reach a pool
+        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "seed": 0, "warmup": 0.0, "num_threads": 1,
+                  "sample_positives": 0},
         "export": {"parity_texts": 8, "quantize_int8": True},
         "evaluate": {"k": 10},
         "rae": {"enabled": True, "k": 8, "lambdas": [0.0, 0.5], "temperatures": [0.1]},
@@ -202,7 +205,8 @@ def test_trained_head_moves_the_pool_rows_and_saves_beside_a_sentence_transforme
     held_out = json.loads((root / paths.HELDOUT_ROWS).read_text())["rows"]
     trained = np.asarray(y[np.setdiff1d(np.arange(y.shape[0]), held_out)].sum(0)).ravel() > 0
     assert 0 < (~trained).sum() and trained.sum() > 30
-    # in-batch pools hold the batch's positives only: exactly the labels with a training positive move
+    # in-batch pools hold the batch's positives only (all of them with sample_positives 0): exactly
+    # the labels with a training positive move
     np.testing.assert_array_equal(moved, trained)
     assert (model.classifier.projection.weight - torch.eye(model.meta.dim)).abs().max() > 1e-4
     assert (root / paths.MODEL_DIR / serve_classifier.CLASSIFIER_FILE).exists()
